@@ -1,0 +1,41 @@
+# The few verbs people type. `make serve` and `make test` work on a fresh clone: they build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROTOS := proto/sluice/v1/inference.proto
+
+.PHONY: serve test check lint typecheck proto proto-check bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+serve: $(BIN)/.installed  ## Serve the bundled example repository on 127.0.0.1:8001 (metrics on :8002).
+	$(BIN)/sluice serve
+
+test: $(BIN)/.installed  ## Run the whole test suite.
+	$(BIN)/python -m pytest
+
+check: lint typecheck proto-check  ## What CI checks besides the tests.
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy batcher server clients
+
+proto: $(BIN)/.installed  ## Regenerate the committed Python code from proto/.
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+		--python_out=proto --mypy_out=proto --grpc_python_out=proto --mypy_grpc_out=proto $(PROTOS)
+
+proto-check: proto  ## Fails when the committed generated code differs from what proto/ generates.
+	git diff --exit-code -- proto/ || (echo "generated code is stale: run 'make proto' and commit" && exit 1)
+
+bench: $(BIN)/.installed  ## See benchmarks/README.md.
+	@cat benchmarks/README.md
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,419 @@
+"""The Batcher: admits requests, forms batches in one dispatcher task, and runs them on model instances.
+
+Flow: `submit` validates and queues a `Pending` carrying its own future; the dispatcher sleeps until the
+first request arrives, asks the policy how long to wait for company (waking early on arrivals), then
+*collects* a batch from the queue and *runs* it in its own task on a free instance, so the next batch
+forms while this one runs. Everything is timed with time.monotonic().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import numpy as np
+
+from sluice.batcher.batch import Batch, _set_exception_if_pending
+from sluice.batcher.config import BatcherConfig
+from sluice.batcher.errors import (
+    BatcherClosedError,
+    BatchInputError,
+    BatchTooLargeError,
+    DeadlineExpiredError,
+    ModelRunError,
+    OutputMismatchError,
+    QueueFullError,
+)
+from sluice.batcher.observer import BatchObserver, NullObserver
+from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
+from sluice.batcher.policy import Estimates, LoadModel, make_policy
+
+RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
+"""(instance index, batched inputs) -> batched outputs, one row per input row."""
+
+log = logging.getLogger("sluice.batcher")
+
+
+class Batcher:
+    """Batches the requests of one model and runs them on `config.instances` concurrent instances."""
+
+    def __init__(
+        self, run: RunFn, config: BatcherConfig, *, name: str = "model", observer: BatchObserver | None = None
+    ) -> None:
+        self._run = run
+        self._config = config
+        self._name = name
+        self._observer: BatchObserver = observer if observer is not None else NullObserver()
+        self._load = LoadModel()
+        self._policy = make_policy(config, self._load)
+        self._pad = config.pad
+        self._crop = config.crop
+        self._queue = PendingQueue()
+        self._seq = itertools.count()
+        self._free = list(range(config.instances - 1, -1, -1))  # instance indexes; pop() gives 0 first
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        # Admissions wake the dispatcher only once the queue reaches this many rows: under saturation
+        # (every instance busy) it is sys.maxsize, so arrivals cost no wakeup at all.
+        self._wake_rows = 1
+        self._idle = asyncio.Event()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    # -- public surface -------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def config(self) -> BatcherConfig:
+        return self._config
+
+    @property
+    def queue_rows(self) -> int:
+        """Rows waiting for a batch."""
+        return self._queue.rows
+
+    @property
+    def in_flight(self) -> int:
+        """Rows in batches that are running."""
+        return self._in_flight
+
+    @property
+    def busy(self) -> int:
+        """Batches running (instances in use)."""
+        return self._config.instances - len(self._free)
+
+    @property
+    def estimates(self) -> Estimates:
+        """The measured run-time model and load, and the batch size they call for."""
+        return self._policy.estimates(time.monotonic())
+
+    def start(self) -> None:
+        """Starts the dispatcher task; call once, inside the running event loop that will submit."""
+        if self._dispatcher is not None:
+            raise RuntimeError(f"batcher for model '{self._name}' is already started")
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = self._loop.create_task(self._dispatch(), name=f"sluice-batcher-{self._name}")
+        self._dispatcher.add_done_callback(self._on_dispatcher_done)
+
+    async def submit(
+        self, inputs: Arrays, *, priority: int = 0, deadline: float | None = None
+    ) -> dict[str, Array]:
+        """Runs `inputs` (rows on axis 0) in some batch and returns this request's rows of the outputs.
+
+        `deadline` is an absolute time.monotonic() value: past it the caller gets DeadlineExpiredError,
+        whether the request is still queued (it is removed and never runs) or already running (the
+        result is discarded).
+        """
+        item = self._admit(inputs, priority, deadline)
+        try:
+            if deadline is None:
+                return await item.future
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await item.future
+        except TimeoutError:
+            future = item.future
+            if future.done() and not future.cancelled():
+                return future.result()  # answered in the same instant the deadline fired: keep the answer
+            queued = self._abandon(item, "deadline") or item.state == DROPPED
+            where = "in the queue" if queued else "while its batch ran (the result is discarded)"
+            waited = (time.monotonic() - item.arrival) * 1e3
+            raise DeadlineExpiredError(
+                f"model '{self._name}': deadline expired after {waited:.1f} ms {where}"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(item, "cancelled")
+            raise
+
+    async def drain(self, grace: float) -> None:
+        """Stops admitting, runs what is queued and in flight for up to `grace` seconds, fails the rest.
+
+        On return nothing is queued and no batch task is left; runs still executing in a worker thread
+        cannot be stopped, they are only no longer waited for.
+        """
+        if not self._closing:
+            self._closing = True
+            self._wakeup.set()  # the dispatcher stops waiting for company
+        self._check_idle()
+        if not self._idle.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(grace, 0.0)):
+                    await self._idle.wait()
+        now = time.monotonic()
+        for item in self._queue.clear():
+            _set_exception_if_pending(
+                item.future,
+                BatcherClosedError(
+                    f"model '{self._name}': shut down before the request ran "
+                    f"(drain grace of {grace:g} s ran out)"
+                ),
+            )
+            self._observer.on_drop("shutdown", now - item.arrival)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()  # members fail with BatcherClosedError in _run_batch
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            tasks.append(self._dispatcher)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # -- admission -------------------------------------------------------------------------------------
+
+    def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> Pending:
+        if self._closing:
+            self._observer.on_reject("closed", 0)
+            raise BatcherClosedError(
+                f"model '{self._name}': the batcher is shutting down, not accepting requests"
+            )
+        if self._loop is None:
+            raise RuntimeError(f"batcher for model '{self._name}' is not started; call start() first")
+        rows, key, lengths = self._describe(inputs)
+        config = self._config
+        if rows > config.max_batch_size:
+            self._observer.on_reject("too_large", rows)
+            raise BatchTooLargeError(
+                f"model '{self._name}': request has {rows} rows, more than max_batch_size="
+                f"{config.max_batch_size}; send at most {config.max_batch_size} rows per request"
+            )
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._observer.on_drop("deadline", 0.0)
+            raise DeadlineExpiredError(
+                f"model '{self._name}': deadline already passed {(now - deadline) * 1e3:.1f} ms before submit"
+            )
+        queue = self._queue
+        if queue.rows + rows > config.max_queue_rows:
+            self._observer.on_reject("queue_full", rows)
+            raise QueueFullError(
+                f"model '{self._name}': queue full ({queue.rows} rows queued, {rows} more requested, "
+                f"limit max_queue_rows={config.max_queue_rows})"
+            )
+        item = Pending(
+            inputs, rows, priority, next(self._seq), now, deadline, key, lengths, self._loop.create_future()
+        )
+        queue.push(item)
+        self._load.on_arrival(rows, now)
+        self._observer.on_enqueue(rows, queue.rows)
+        if queue.rows >= self._wake_rows:
+            self._wakeup.set()
+        return item
+
+    def _describe(self, inputs: Arrays) -> tuple[int, GroupKey, Mapping[str, int]]:
+        """Rows, group key and padded lengths of a request; raises BatchInputError if it cannot batch."""
+        if not inputs:
+            raise BatchInputError(f"model '{self._name}': the request has no inputs")
+        pad = self._pad
+        lengths: dict[str, int] | None = {} if pad else None
+        rows = -1
+        first = ""
+        key: list[tuple[str, str, tuple[int | None, ...]]] = []
+        for name in sorted(inputs):
+            array = inputs[name]
+            if not isinstance(array, np.ndarray):
+                raise BatchInputError(
+                    f"model '{self._name}': input '{name}' is a {type(array).__name__}, not a numpy array"
+                )
+            shape = array.shape
+            if not shape:
+                raise BatchInputError(
+                    f"model '{self._name}': input '{name}' is a scalar; "
+                    "every input needs a leading batch axis"
+                )
+            if rows < 0:
+                rows, first = shape[0], name
+            elif shape[0] != rows:
+                raise BatchInputError(
+                    f"model '{self._name}': inputs disagree on the batch dimension: "
+                    f"'{first}' has {rows} rows, '{name}' has {shape[0]}"
+                )
+            specs = pad.get(name) if lengths is not None else None
+            if specs is None:
+                key.append((name, array.dtype.str, shape[1:]))
+                continue
+            assert lengths is not None
+            tail: list[int | None] = list(shape[1:])
+            for spec in specs:
+                if spec.axis >= len(shape):
+                    raise BatchInputError(
+                        f"model '{self._name}': input '{name}' has rank {len(shape)}, but padding axis "
+                        f"{spec.axis} (dim '{spec.dim}') needs rank >= {spec.axis + 1}"
+                    )
+                length = shape[spec.axis]
+                known = lengths.setdefault(spec.dim, length)
+                if known != length:
+                    raise BatchInputError(
+                        f"model '{self._name}': inputs disagree on dim '{spec.dim}': length {known} "
+                        f"elsewhere, {length} on axis {spec.axis} of '{name}'"
+                    )
+                tail[spec.axis - 1] = None
+            key.append((name, array.dtype.str, tuple(tail)))
+        if rows == 0:
+            raise BatchInputError(f"model '{self._name}': the request has 0 rows")
+        return rows, tuple(key), lengths or NO_LENGTHS
+
+    def _abandon(self, item: Pending, reason: str) -> bool:
+        """The caller stopped waiting: a still-queued request leaves the queue (and its rows) now."""
+        if not self._queue.discard(item):
+            return False
+        self._observer.on_drop(reason, time.monotonic() - item.arrival)
+        self._check_idle()
+        return True
+
+    # -- dispatch --------------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        queue = self._queue
+        policy = self._policy
+        while True:
+            if not self._free:
+                self._wake_rows = sys.maxsize  # only a finished batch can change anything
+                await self._wait()
+                continue
+            head = queue.head()
+            if head is None:
+                self._wake_rows = 1
+                await self._wait()
+                continue
+            if not self._closing:
+                now = time.monotonic()
+                queued = queue.group_rows(head.key)
+                wait, enough = policy.plan(queued, now - head.arrival, now)
+                if wait > 0:
+                    # Any admission counts towards `enough` (conservative when groups differ).
+                    self._wake_rows = queue.rows + enough - queued
+                    await self._wait(wait)
+                    continue
+            self._collect_and_run(head)
+
+    async def _wait(self, limit: float | None = None) -> None:
+        # Cleared only here, right before sleeping: the caller checked the state with no await since,
+        # so no wakeup can be lost.
+        self._wakeup.clear()
+        if limit is None:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self._wakeup.wait()
+
+    def _collect(self, head: Pending) -> Batch | None:
+        """Takes the next batch out of the queue: `head`'s group, priority then arrival, while it fits."""
+        max_items = 1 if self._policy.single_request else sys.maxsize
+        members = self._queue.take(head.key, self._config.max_batch_size, max_items)
+        now = time.monotonic()
+        # Drop callers that gave up between their last chance to leave the queue and now.
+        if any(m.future.done() or (m.deadline is not None and m.deadline <= now) for m in members):
+            live = []
+            for member in members:
+                expired = member.deadline is not None and member.deadline <= now
+                if member.future.done():
+                    member.state = DROPPED
+                    self._observer.on_drop("deadline" if expired else "cancelled", now - member.arrival)
+                elif expired:
+                    member.state = DROPPED
+                    _set_exception_if_pending(
+                        member.future,
+                        DeadlineExpiredError(
+                            f"model '{self._name}': deadline expired after "
+                            f"{(now - member.arrival) * 1e3:.1f} ms in the queue"
+                        ),
+                    )
+                    self._observer.on_drop("deadline", now - member.arrival)
+                else:
+                    live.append(member)
+            members = live
+        return Batch(members) if members else None
+
+    def _collect_and_run(self, head: Pending) -> None:
+        batch = self._collect(head)
+        if batch is None:
+            self._check_idle()
+            return
+        assert self._loop is not None
+        instance = self._free.pop()
+        self._in_flight += batch.rows
+        task = self._loop.create_task(self._run_batch(batch, instance))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        now = time.monotonic()
+        self._observer.on_batch(
+            batch.rows,
+            len(batch.members),
+            [now - m.arrival for m in batch.members],
+            self._queue.rows,
+            self.busy,
+        )
+
+    async def _run_batch(self, batch: Batch, instance: int) -> None:
+        """Runs one batch on `instance` and answers its members; a failure fails only them."""
+        name = self._name
+        error: BaseException | None = None
+        start = time.monotonic()
+        run_time = 0.0
+        try:
+            inputs = batch.inputs(self._pad)
+            start = time.monotonic()
+            outputs = await self._run(instance, inputs)
+            run_time = time.monotonic() - start
+            problem = batch.mismatch(outputs, self._crop)
+            if problem is not None:
+                message = f"model '{name}': {problem}"
+                error = OutputMismatchError(message)
+                batch.fail(lambda: OutputMismatchError(message))
+            else:
+                batch.deliver(outputs, self._crop)
+                self._load.on_run(batch.rows, run_time)
+        except asyncio.CancelledError as exc:
+            error = exc
+            run_time = time.monotonic() - start
+            batch.fail(lambda: BatcherClosedError(f"model '{name}': shut down before the request finished"))
+            raise
+        except Exception as exc:
+            error = exc
+            run_time = time.monotonic() - start
+            cause = exc  # `exc` is unbound once the except clause ends
+            batch.fail(lambda: _run_error(name, cause))
+        finally:
+            self._in_flight -= batch.rows
+            self._free.append(instance)
+            self._wakeup.set()
+            self._observer.on_batch_done(batch.rows, run_time, error, self.busy)
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if (
+            self._closing
+            and not self._queue.rows
+            and not self._in_flight
+            and len(self._free) == self._config.instances
+        ):
+            self._idle.set()
+
+    def _on_dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug, not a load condition: stop admitting and fail what waits rather than hang callers.
+        log.error("batcher for model '%s' stopped", self._name, exc_info=task.exception())
+        self._closing = True
+        now = time.monotonic()
+        for item in self._queue.clear():
+            _set_exception_if_pending(
+                item.future, BatcherClosedError(f"model '{self._name}': the batcher stopped unexpectedly")
+            )
+            self._observer.on_drop("shutdown", now - item.arrival)
+
+
+def _run_error(name: str, cause: Exception) -> ModelRunError:
+    error = ModelRunError(f"model '{name}' failed: {type(cause).__name__}: {cause}")
+    error.__cause__ = cause
+    return error

@@ -1,0 +1,48 @@
+"""The seam through which metrics reach the batcher: it calls an observer and never builds metrics itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class BatchObserver(Protocol):
+    """Receives batcher events; called on the event loop, so each method must be cheap and not block."""
+
+    def on_enqueue(self, rows: int, queue_rows: int) -> None:
+        """A request was admitted; `queue_rows` counts it."""
+
+    def on_reject(self, reason: str, rows: int) -> None:
+        """A request was refused at submit: "queue_full", "too_large" or "closed"."""
+
+    def on_drop(self, reason: str, queued_for: float) -> None:
+        """A queued request left without running: "deadline", "cancelled" or "shutdown"."""
+
+    def on_batch(
+        self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
+    ) -> None:
+        """A batch started running; `queue_waits` holds each member's seconds in the queue."""
+
+    def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
+        """A batch finished, successfully when `error` is None."""
+
+
+class NullObserver:
+    """The default observer: ignores everything."""
+
+    def on_enqueue(self, rows: int, queue_rows: int) -> None:
+        pass
+
+    def on_reject(self, reason: str, rows: int) -> None:
+        pass
+
+    def on_drop(self, reason: str, queued_for: float) -> None:
+        pass
+
+    def on_batch(
+        self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
+    ) -> None:
+        pass
+
+    def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
+        pass

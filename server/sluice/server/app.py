@@ -1,0 +1,152 @@
+"""The server process: binds the ports, loads the repository, and shuts down gracefully on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import grpc
+
+from sluice.server.metrics import Metrics
+from sluice.server.repository import ModelRepository
+from sluice.server.service import InferenceService, Phase
+from sluice.server.settings import ServerSettings
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sluice.server")
+
+
+def bundled_repository() -> Path:
+    """The example repository: shipped inside the wheel, or at examples/models in a source checkout."""
+    packaged = Path(str(resources.files("sluice.server"))) / "_examples" / "models"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[3] / "examples" / "models"
+
+
+class SluiceServer:
+    """One Sluice server: start it, await `loaded()`, and `stop()` it (or `serve()` until a signal)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        root = settings.model_repository or bundled_repository()
+        self.repository = ModelRepository(
+            root, self.metrics, max_bytes=settings.max_message_bytes, inference_threads=settings.inference_threads
+        )
+        self.service = InferenceService(self.repository, self.metrics)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """Where a client on this machine dials the TCP port."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Binds the ports and starts loading models; Health answers STARTING until loading ends."""
+        self.repository.scan()
+        limit = self.settings.max_message_bytes
+        # gRPC itself refuses messages over twice the limit; between the two, the servicer answers with a
+        # message naming the setting. The server is made here, inside the running loop it belongs to.
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
+        host = self.settings.host
+        bind = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+        self.port = self._server.add_insecure_port(bind)
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {bind}")
+        if self.settings.unix_socket:
+            self._server.add_insecure_port(f"unix:{self.settings.unix_socket}")
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        await self._server.start()
+        log.info(
+            "serving repository=%s grpc=%s%s metrics=%s",
+            self.repository.root, self.address,
+            f" unix:{self.settings.unix_socket}" if self.settings.unix_socket else "",
+            f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+        )  # fmt: skip
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        await self.repository.load()
+        self.service.phase = Phase.SERVING
+        ready = sum(1 for s in self.repository.servables())
+        log.info("ready models=%d versions_ready=%d state=%s", len(self.repository.models), ready,
+                 "SERVING" if self.service.state() == 2 else "NOT_SERVING")  # fmt: skip
+
+    async def loaded(self) -> None:
+        """Returns once every model has loaded or failed."""
+        assert self._loading is not None, "start() first"
+        await asyncio.shield(self._loading)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuses new requests (UNAVAILABLE, Health says DRAINING), finishes queued and in-flight ones
+        within the grace period, then closes the ports."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.service.phase = Phase.DRAINING
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        servables = self.repository.servables()
+        await asyncio.gather(*(s.scheduler.drain(grace) for s in servables))
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        for servable in servables:
+            servable.runner.close()
+        log.info("stopped")
+
+    async def serve(self) -> None:
+        """Runs until SIGTERM or SIGINT, then stops gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received, draining for up to %.1fs", self.settings.grace_period_s)
+        await self.stop()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Quiet, one line per event: Sluice's own lines at `level`, third-party chatter at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("sluice").setLevel(level)

@@ -1,0 +1,155 @@
+"""The per-model `config.toml`: validated at start-up so a mistake names its file, field and reason."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PadConfig(_Frozen):
+    """An input axis whose length may differ between requests: shorter ones are padded to batch together."""
+
+    axis: int = Field(ge=1, description="Axis of the input that is padded (0 is the batch axis).")
+    dim: str = Field(
+        min_length=1, description="Name of the dimension, shared with outputs that are cropped back."
+    )
+    value: float = Field(default=0, description="Value written into the padding.")
+
+
+class CropConfig(_Frozen):
+    """An output axis that follows a padded input dimension and is cut back to each request's own length."""
+
+    axis: int = Field(ge=1, description="Axis of the output to crop.")
+    dim: str = Field(min_length=1, description="Name of the padded input dimension it follows.")
+
+
+class TensorConfig(_Frozen):
+    """Overrides for one input or output found in the ONNX graph, keyed by its graph name."""
+
+    name: str | None = Field(default=None, min_length=1, description="Name callers use instead of the graph's.")
+    shape: list[int] | None = Field(
+        default=None,
+        description="Constrains the graph's shape: a number fixes a dimension, -1 leaves it free. "
+        "Includes the batch dimension.",
+    )
+    pad: PadConfig | None = Field(default=None, description="Inputs only: pad this axis to batch requests.")
+    crop: CropConfig | None = Field(default=None, description="Outputs only: crop this axis per request.")
+
+
+class BatchingConfig(_Frozen):
+    """How requests to this model are packed into batches."""
+
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most rows in one run; 0 turns batching off; unset: 32 when the graph's first "
+        "dimension is dynamic, else 0.",
+    )
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, le=60_000, description="Longest the first request of a batch waits for more rows."
+    )
+    max_queue_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="Rows that may wait for this model before requests get RESOURCE_EXHAUSTED; "
+        "unset: 32 x max_batch_size x instances.",
+    )
+    policy: Literal["adaptive", "fixed", "none"] = Field(
+        default="adaptive",
+        description="adaptive: wait only while it pays; fixed: always wait max_delay_ms or until full; "
+        "none: one request per run.",
+    )
+
+
+class ExecutionConfig(_Frozen):
+    """Where and how the model runs."""
+
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="cuda: require a working CUDA device (fail to load otherwise); cpu; auto: CUDA when it "
+        "works, else CPU.",
+    )
+    instances: int = Field(default=1, ge=1, le=64, description="Sessions of this model, each running batches.")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="Threads per session; 0 shares the server's inference_threads."
+    )
+    cuda_device: int = Field(default=0, ge=0, description="CUDA device id when running on CUDA.")
+
+
+class ModelConfig(_Frozen):
+    """Everything a model directory's config.toml may hold; every part is optional."""
+
+    description: str = Field(default="", description="Free text shown in logs and metadata.")
+    runtime: Literal["onnx"] = Field(default="onnx", description="Runtime that loads the model.")
+    versions: list[int] | None = Field(
+        default=None, description="Versions to load; unset loads every version directory found."
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    inputs: dict[str, TensorConfig] = Field(
+        default_factory=dict, description="Input overrides keyed by graph input name."
+    )
+    outputs: dict[str, TensorConfig] = Field(
+        default_factory=dict, description="Output overrides keyed by graph output name."
+    )
+    plugins: dict[str, Any] = Field(
+        default_factory=dict, description="Reserved for pre- and postprocessing plugins."
+    )
+
+    @model_validator(mode="after")
+    def _check_tensors(self) -> ModelConfig:
+        for key, tensor in self.inputs.items():
+            if tensor.crop is not None:
+                raise ValueError(f"inputs.{key}.crop: crop applies to outputs; inputs are padded with `pad`")
+        for key, tensor in self.outputs.items():
+            if tensor.pad is not None:
+                raise ValueError(f"outputs.{key}.pad: pad applies to inputs; outputs are cut back with `crop`")
+        dims = {t.pad.dim for t in self.inputs.values() if t.pad is not None}
+        for key, tensor in self.outputs.items():
+            if tensor.crop is not None and tensor.crop.dim not in dims:
+                raise ValueError(
+                    f"outputs.{key}.crop.dim: '{tensor.crop.dim}' is not the dim of any padded input "
+                    f"(padded dims: {sorted(dims) or 'none'})"
+                )
+        return self
+
+
+class ConfigError(Exception):
+    """A config.toml that cannot be used; the message names the file, the field and the reason."""
+
+
+def load_config(path: Path) -> ModelConfig:
+    """Reads and validates a config.toml; a missing file means every default."""
+    if not path.exists():
+        return ModelConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `field 'batching.max_batch_size': reason (got -1)`."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"])
+        got = f" (got {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if where:
+            parts.append(f"field '{where}': {message}{got}")
+        else:
+            parts.append(message)
+    return "; ".join(parts)

@@ -1,0 +1,231 @@
+"""The model repository: finds models and versions on disk, loads them, and keeps their states for Health.
+
+A broken model never takes the others down: its failure is logged with file, field and reason, kept for
+Health, and returned to callers as UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sluice.server.config import ConfigError, ModelConfig, load_config
+from sluice.server.errors import not_found, unavailable
+from sluice.server.metrics import Metrics, ModelObserver
+from sluice.server.pipeline import Servable
+from sluice.server.runtime import LoadError, OnnxModel, threads_per_session
+from sluice.server.scheduling import ModelRunner, make_scheduler
+from sluice.v1 import inference_pb2 as pb
+
+log = logging.getLogger("sluice.server")
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.toml"
+
+
+@dataclass
+class VersionEntry:
+    """One version directory and what became of it."""
+
+    version: int
+    path: Path
+    state: int = pb.MODEL_STATE_LOADING
+    reason: str = ""
+    servable: Servable | None = None
+
+
+@dataclass
+class ModelEntry:
+    """One model directory: its config (when valid) and its versions, highest first."""
+
+    name: str
+    path: Path
+    config: ModelConfig | None = None
+    reason: str = ""
+    versions: list[VersionEntry] = field(default_factory=list)
+
+    @property
+    def default(self) -> VersionEntry | None:
+        """The version that answers when a request pins none: the highest that is ready."""
+        for entry in self.versions:
+            if entry.state == pb.MODEL_STATE_READY:
+                return entry
+        return None
+
+    @property
+    def state(self) -> int:
+        if self.config is None or self.reason:
+            return pb.MODEL_STATE_FAILED
+        if self.default is not None:
+            return pb.MODEL_STATE_READY
+        if any(v.state == pb.MODEL_STATE_LOADING for v in self.versions):
+            return pb.MODEL_STATE_LOADING
+        return pb.MODEL_STATE_FAILED
+
+    @property
+    def failure(self) -> str:
+        if self.reason:
+            return self.reason
+        failed = [f"version {v.version}: {v.reason}" for v in self.versions if v.state == pb.MODEL_STATE_FAILED]
+        return "; ".join(failed)
+
+
+class ModelRepository:
+    """All models of one repository directory, their loading and their lookup on the request path."""
+
+    def __init__(self, root: Path, metrics: Metrics, *, max_bytes: int, inference_threads: int) -> None:
+        self.root = root
+        self.metrics = metrics
+        self.max_bytes = max_bytes
+        self.inference_threads = inference_threads
+        self.models: dict[str, ModelEntry] = {}
+        # Request-path lookups: (name) -> default servable, (name, version) -> servable.
+        self._default: dict[str, Servable] = {}
+        self._pinned: dict[tuple[str, int], Servable] = {}
+        self.loaded = False
+
+    def scan(self) -> None:
+        """Finds model directories and versions and validates configs; loads nothing yet."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+            entry = ModelEntry(path.name, path)
+            self.models[entry.name] = entry
+            try:
+                entry.config = load_config(path / CONFIG_FILE)
+            except ConfigError as exc:
+                entry.reason = str(exc)
+                log.error("model %s failed: %s", entry.name, entry.reason)
+                continue
+            versions = []
+            for child in path.iterdir():
+                if child.is_dir() and child.name.isdigit():
+                    versions.append(int(child.name))
+                elif child.is_dir():
+                    log.warning("model %s: ignoring %s: version directories are named by integers", entry.name, child)
+            if entry.config.versions is not None:
+                missing = sorted(set(entry.config.versions) - set(versions))
+                if missing:
+                    entry.reason = (
+                        f"{path / CONFIG_FILE}: field 'versions': no directory for version(s) {missing} "
+                        f"(found: {sorted(versions) or 'none'})"
+                    )
+                    log.error("model %s failed: %s", entry.name, entry.reason)
+                    continue
+                versions = list(entry.config.versions)
+            if not versions:
+                entry.reason = f"{path}: no version directory (<model>/<integer>/{MODEL_FILE}) found"
+                log.error("model %s failed: %s", entry.name, entry.reason)
+                continue
+            entry.versions = [VersionEntry(v, path / str(v) / MODEL_FILE) for v in sorted(set(versions), reverse=True)]
+
+    async def load(self) -> None:
+        """Loads every version in worker threads, so Health answers while big models load."""
+        sessions = sum(
+            e.config.execution.instances * len(e.versions) for e in self.models.values() if e.config is not None
+        )
+        threads = threads_per_session(self.inference_threads, sessions)
+        jobs = [
+            self._load_version(entry, version, threads)
+            for entry in self.models.values()
+            if entry.config is not None and not entry.reason
+            for version in entry.versions
+        ]
+        await asyncio.gather(*jobs)
+        self.loaded = True
+
+    async def _load_version(self, entry: ModelEntry, version: VersionEntry, threads: int) -> None:
+        assert entry.config is not None
+        config = entry.config
+        started = time.monotonic()
+        try:
+            if not version.path.is_file():
+                raise LoadError(f"{version.path}: no such file")
+            servable = await asyncio.to_thread(self._build, entry.name, version, config, threads)
+        except LoadError as exc:
+            version.state, version.reason = pb.MODEL_STATE_FAILED, str(exc)
+            log.error("model %s version %d failed to load: %s", entry.name, version.version, exc)
+            return
+        except Exception as exc:
+            version.state, version.reason = pb.MODEL_STATE_FAILED, f"unexpected error while loading: {exc}"
+            log.exception("model %s version %d failed to load", entry.name, version.version)
+            return
+        servable.scheduler.start()
+        version.servable = servable
+        version.state = pb.MODEL_STATE_READY
+        self._pinned[(entry.name, version.version)] = servable
+        default = entry.default
+        if default is not None and default.servable is not None:
+            self._default[entry.name] = default.servable
+        model = servable.model
+        log.info(
+            "model loaded name=%s version=%d providers=%s instances=%d threads=%d max_batch_size=%d %s "
+            "load_ms=%.0f",
+            entry.name, version.version, ",".join(model.providers), len(model.sessions), model.threads,
+            model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+
+    def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
+        model = OnnxModel(name, version.version, version.path, config, threads)
+        runner = ModelRunner(model)
+        scheduler = make_scheduler(runner, ModelObserver(self.metrics, name))
+        servable = Servable(model, runner, scheduler, self.max_bytes)
+        try:
+            servable.warm_up()
+        except Exception as exc:
+            runner.close()
+            raise LoadError(f"warm-up run failed: {exc}") from exc
+        return servable
+
+    def resolve(self, name: str, version: int | None) -> Servable:
+        """The servable a request names; NOT_FOUND or UNAVAILABLE (with the reason) otherwise."""
+        if version is None:
+            servable = self._default.get(name)
+        else:
+            servable = self._pinned.get((name, version))
+        if servable is not None:
+            return servable
+        entry = self.models.get(name)
+        if entry is None:
+            known = ", ".join(f"'{n}'" for n in self.models) or "none"
+            raise not_found(f"no model named '{name}'; the repository has {known}")
+        if entry.config is None or entry.reason:
+            raise unavailable(f"model '{name}' failed to load: {entry.reason}")
+        if version is None:
+            if entry.state == pb.MODEL_STATE_LOADING:
+                raise unavailable(f"model '{name}' is still loading")
+            raise unavailable(f"model '{name}' has no version ready: {entry.failure}")
+        found = next((v for v in entry.versions if v.version == version), None)
+        if found is None:
+            have = ", ".join(str(v.version) for v in entry.versions)
+            raise not_found(f"model '{name}' has no version {version}; it has {have}")
+        if found.state == pb.MODEL_STATE_LOADING:
+            raise unavailable(f"model '{name}' version {version} is still loading")
+        raise unavailable(f"model '{name}' version {version} failed to load: {found.reason}")
+
+    def servables(self) -> list[Servable]:
+        return list(self._pinned.values())
+
+    def status(self, name: str | None = None) -> list[pb.ModelStatus]:
+        """Health's view of every model (or one)."""
+        if name:
+            if name not in self.models:
+                raise not_found(f"no model named '{name}'")
+            entries = [self.models[name]]
+        else:
+            entries = list(self.models.values())
+        out = []
+        for entry in entries:
+            versions = [
+                v.servable.status()
+                if v.servable is not None
+                else pb.ModelVersionStatus(version=v.version, state=v.state, reason=v.reason)  # type: ignore[arg-type]
+                for v in entry.versions
+            ]
+            state = entry.state
+            reason = entry.failure if state == pb.MODEL_STATE_FAILED else ""
+            out.append(pb.ModelStatus(name=entry.name, state=state, reason=reason, versions=versions))  # type: ignore[arg-type]
+        return out

@@ -1,0 +1,219 @@
+"""ONNX Runtime sessions: choosing providers, sharing cores, and describing a graph's inputs and outputs."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from sluice.server.config import ModelConfig
+from sluice.server.tensors import format_shape, type_name
+from sluice.v1 import inference_pb2 as pb
+
+log = logging.getLogger("sluice.server")
+
+_ORT_TYPES: dict[str, int] = {
+    "tensor(bool)": pb.DATA_TYPE_BOOL,
+    "tensor(uint8)": pb.DATA_TYPE_UINT8,
+    "tensor(int8)": pb.DATA_TYPE_INT8,
+    "tensor(uint16)": pb.DATA_TYPE_UINT16,
+    "tensor(int16)": pb.DATA_TYPE_INT16,
+    "tensor(uint32)": pb.DATA_TYPE_UINT32,
+    "tensor(int32)": pb.DATA_TYPE_INT32,
+    "tensor(uint64)": pb.DATA_TYPE_UINT64,
+    "tensor(int64)": pb.DATA_TYPE_INT64,
+    "tensor(float16)": pb.DATA_TYPE_FP16,
+    "tensor(float)": pb.DATA_TYPE_FP32,
+    "tensor(double)": pb.DATA_TYPE_FP64,
+    "tensor(string)": pb.DATA_TYPE_STRING,
+}
+
+
+class LoadError(Exception):
+    """A model version that cannot be served; the message says why, for logs and Health."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """What a model takes or gives under one name; -1 marks a free dimension."""
+
+    name: str
+    graph_name: str
+    datatype: int
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{type_name(self.datatype)} {format_shape(self.shape)}"
+
+    def to_proto(self) -> pb.TensorSpec:
+        return pb.TensorSpec(name=self.name, datatype=self.datatype, shape=self.shape)  # type: ignore[arg-type]
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA cannot be used in this process, or None when it can.
+
+    Loading ONNX Runtime's CUDA provider library ourselves gives the precise reason (a missing libcublas,
+    say) in one line, instead of the error spam ONNX Runtime prints when a session falls back to CPU.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError as exc:
+        return f"the CUDA provider cannot load: {exc}"
+    return None
+
+
+def resolve_providers(choice: str, model: str) -> list[str]:
+    """ONNX Runtime provider list for a config's `providers` choice."""
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    reason = cuda_unavailable_reason()
+    if choice == "cuda":
+        if reason is not None:
+            raise LoadError(f"execution.providers = 'cuda' but CUDA is unavailable: {reason}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if reason is not None:
+        _log_cpu_fallback(reason)
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@functools.cache
+def _log_cpu_fallback(reason: str) -> None:
+    log.info("CUDA unavailable, models with providers='auto' run on CPU: %s", reason)
+
+
+def threads_per_session(total: int, sessions: int) -> int:
+    """Splits the inference threads between all sessions so they do not oversubscribe the cores."""
+    cores = total or os.cpu_count() or 1
+    return max(1, cores // max(1, sessions))
+
+
+class OnnxModel:
+    """One model version: its sessions (one per instance) and the signature callers see."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        config: ModelConfig,
+        threads: int,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        execution = config.execution
+        self.providers_requested = resolve_providers(execution.providers, name)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = execution.intra_op_threads or threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        # Spinning threads keep a core busy between runs, which starves the event loop that feeds them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        provider_options: list[dict[str, str]] = [
+            {"device_id": str(execution.cuda_device)} if p == "CUDAExecutionProvider" else {}
+            for p in self.providers_requested
+        ]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise LoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        self.sessions: list[ort.InferenceSession] = []
+        for _ in range(execution.instances):
+            try:
+                session = ort.InferenceSession(
+                    data, sess_options=options, providers=self.providers_requested, provider_options=provider_options
+                )
+            except Exception as exc:  # ONNX Runtime raises several unrelated types for a bad file.
+                raise LoadError(f"{path}: not a valid ONNX model: {_first_line(exc)}") from None
+            self.sessions.append(session)
+        self.providers: list[str] = list(self.sessions[0].get_providers())
+        if execution.providers == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            raise LoadError("execution.providers = 'cuda' but ONNX Runtime could not create a CUDA session")
+        self.inputs = _specs(self.sessions[0].get_inputs(), config, "inputs", path)
+        self.outputs = _specs(self.sessions[0].get_outputs(), config, "outputs", path)
+        self.max_batch_size = _batch_size(self, config)
+        self.threads = options.intra_op_num_threads
+
+    def run(self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+        """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
+        session = self.sessions[instance]
+        graph_feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
+        results = session.run(None, graph_feeds)
+        return {spec.name: value for spec, value in zip(self.outputs, results, strict=True)}
+
+    def describe(self) -> str:
+        inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)
+        outputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.outputs)
+        return f"inputs=[{inputs}] outputs=[{outputs}]"
+
+
+def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: Path) -> list[TensorSpec]:
+    overrides = config.inputs if kind == "inputs" else config.outputs
+    names = {node.name for node in nodes}
+    for key in overrides:
+        if key not in names:
+            raise LoadError(f"config {kind}.{key}: the graph has no {kind[:-1]} '{key}' (it has: {', '.join(sorted(names))})")
+    specs = []
+    for node in nodes:
+        datatype = _ORT_TYPES.get(node.type)
+        if datatype is None:
+            raise LoadError(f"{path}: {kind[:-1]} '{node.name}' has type {node.type}, which Sluice cannot serve")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+        override = overrides.get(node.name)
+        public = node.name
+        if override is not None:
+            public = override.name or node.name
+            if override.shape is not None:
+                shape = _constrain(shape, override.shape, f"config {kind}.{node.name}.shape")
+        specs.append(TensorSpec(public, node.name, datatype, shape))
+    seen = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise LoadError(f"config {kind}: two {kind} are named '{spec.name}'")
+        seen.add(spec.name)
+    return specs
+
+
+def _constrain(graph: tuple[int, ...], wanted: list[int], where: str) -> tuple[int, ...]:
+    if len(wanted) != len(graph):
+        raise LoadError(f"{where}: the graph's shape {format_shape(graph)} has rank {len(graph)}, got {format_shape(wanted)}")
+    out = []
+    for g, w in zip(graph, wanted, strict=True):
+        if w < -1 or (g != -1 and w not in (-1, g)):
+            raise LoadError(f"{where}: {format_shape(wanted)} does not fit the graph's shape {format_shape(graph)}")
+        out.append(g if w == -1 else w)
+    return tuple(out)
+
+
+def _batch_size(model: OnnxModel, config: ModelConfig) -> int:
+    """Rows per run: batching needs every input and output to have a free first dimension."""
+    fixed = [s.name for s in (*model.inputs, *model.outputs) if not s.shape or s.shape[0] != -1]
+    wanted = config.batching.max_batch_size
+    if wanted is None:
+        return 0 if fixed else 32
+    if wanted > 0 and fixed:
+        raise LoadError(
+            f"config batching.max_batch_size = {wanted}, but {', '.join(fixed)} has no free first (batch) "
+            "dimension; set it to 0 or export the model with a dynamic batch axis"
+        )
+    return wanted
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

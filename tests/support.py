@@ -1,0 +1,135 @@
+"""Shared test helpers: tiny ONNX models made on the fly, repositories, and request builders."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sluice.server.tensors import encode
+from sluice.v1 import inference_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_DIR = ROOT / "examples" / "models" / "digits"
+DIGITS_ONNX = DIGITS_DIR / "1" / "model.onnx"
+
+
+def train_digits_module() -> ModuleType:
+    """examples/train_digits.py, imported by path (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "examples" / "train_digits.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _graph(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def add_model(constant: float) -> onnx.ModelProto:
+    """y = x + constant, FP32 [N, 4]: tells versions apart by their output."""
+    c = numpy_helper.from_array(np.full((4,), constant, dtype=np.float32), "c")
+    return _graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [c],
+    )
+
+
+def strings_model() -> onnx.ModelProto:
+    """Echoes a STRING [N, 2] input, and counts its rows as an INT64 output."""
+    return _graph(
+        [helper.make_node("Identity", ["text"], ["echo"])],
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 2])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, ["N", 2])],
+    )
+
+
+def two_inputs_model() -> onnx.ModelProto:
+    """sum = a + b (FP32 [N, 3]) and ids passed through (INT64 [N]): for missing/unknown input checks."""
+    return _graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Identity", ["ids"], ["ids_out"])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["N"]),
+        ],
+    )
+
+
+def slow_model(size: int = 1024, layers: int = 24) -> onnx.ModelProto:
+    """A chain of square MatMuls sharing one weight: a run takes long enough to be in flight on purpose."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w")
+    nodes = []
+    prev = "x"
+    for i in range(layers):
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [out]))
+        prev = out
+    return _graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
+        [w],
+    )
+
+
+def add_digits(repo: Path, name: str = "digits") -> Path:
+    """Copies the bundled digits model (config and version 1) into a test repository."""
+    target = repo / name
+    shutil.copytree(DIGITS_DIR, target)
+    return target
+
+
+def tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
+    return encode(name, np.asarray(array))
+
+
+def request(model: str, id: str = "", version: int | None = None, **inputs: npt.ArrayLike) -> pb.PredictRequest:
+    req = pb.PredictRequest(model=model, id=id, inputs=[tensor(n, a) for n, a in inputs.items()])
+    if version is not None:
+        req.version = version
+    return req
+
+
+def to_array(t: pb.Tensor) -> npt.NDArray[np.generic]:
+    """Decodes a response tensor the way a client would."""
+    from sluice.server.tensors import decode
+
+    return decode(t, f"output '{t.name}'", 1 << 30)
+
+
+def outputs(response: pb.PredictResponse) -> dict[str, npt.NDArray[np.generic]]:
+    return {t.name: to_array(t) for t in response.outputs}
+
+
+def string_bytes(*items: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(i)) + i for i in items)
