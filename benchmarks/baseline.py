@@ -1,4 +1,4 @@
-"""ONNX Runtime called in-process on one model at several batch sizes: the ceiling a server is measured against.
+"""ONNX Runtime called in-process on one model at several batch sizes: the ceiling for a server.
 
 No gRPC, no serialization, no queueing: only ``session.run`` on ready numpy arrays. The best rows/s here is
 what a perfectly batching server could reach on the same hardware with the same session settings.
@@ -39,7 +39,9 @@ def resolve_model(path: Path) -> Path:
         return path
     if (path / "model.onnx").is_file():
         return path / "model.onnx"
-    versions = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file())
+    versions = sorted(
+        (int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()
+    )
     if not versions:
         raise SystemExit(f"error: no model.onnx under {path}")
     return versions[-1][1] / "model.onnx"
@@ -81,7 +83,9 @@ def make_feeds(session: Any, batch: int, seed: int) -> dict[str, np.ndarray[Any,
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray[Any, Any]] = {}
     for spec in session.get_inputs():
-        shape = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1) for i, d in enumerate(spec.shape)]
+        shape = [
+            batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1) for i, d in enumerate(spec.shape)
+        ]
         np_type = ORT_TYPES.get(spec.type)
         if np_type is None:
             raise SystemExit(f"error: input {spec.name!r} has unsupported type {spec.type}")
@@ -92,7 +96,9 @@ def make_feeds(session: Any, batch: int, seed: int) -> dict[str, np.ndarray[Any,
     return feeds
 
 
-def measure(session: Any, feeds: dict[str, np.ndarray[Any, Any]], seconds: float, min_runs: int) -> list[float]:
+def measure(
+    session: Any, feeds: dict[str, np.ndarray[Any, Any]], seconds: float, min_runs: int
+) -> list[float]:
     """Latencies (s) of back-to-back runs for at least ``seconds`` and ``min_runs``."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -104,12 +110,18 @@ def measure(session: Any, feeds: dict[str, np.ndarray[Any, Any]], seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="model.onnx, or a model directory of a model repository")
-    parser.add_argument("--batch-sizes", help="comma list (default: powers of two up to --max-batch, plus it)")
+    parser.add_argument(
+        "--batch-sizes", help="comma list (default: powers of two up to --max-batch, plus it)"
+    )
     parser.add_argument("--max-batch", type=int, help="default: max_batch_size from config.toml, else 64")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
-    parser.add_argument("--providers", default="auto", help="auto, cpu, cuda or a comma list of ORT providers")
+    parser.add_argument(
+        "--providers", default="auto", help="auto, cpu, cuda or a comma list of ORT providers"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per batch size")
     parser.add_argument("--min-runs", type=int, default=20, help="fewest measured runs per batch size")
     parser.add_argument("--warmup-runs", type=int, default=10, help="unmeasured runs per batch size")
@@ -140,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         p50, p90, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 90, 99))
         rows_per_s = batch * lat.size / float(lat.sum())
         rows.append(
-            {"batch": batch, "runs": int(lat.size), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "rows_per_s": rows_per_s}
+            {
+                "batch": batch,
+                "runs": int(lat.size),
+                "p50_ms": p50,
+                "p90_ms": p90,
+                "p99_ms": p99,
+                "rows_per_s": rows_per_s,
+            }
         )
         print(f"{batch:>6} {lat.size:>7} {p50:>9.3f} {p90:>9.3f} {p99:>9.3f} {rows_per_s:>12,.0f}")
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
+
 from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 DATA_TYPES = {
@@ -32,7 +33,9 @@ def parse_spec(text: str) -> inference_pb2.TensorSpec:
         shape = [int(d) for d in dims.lower().split("x")]
         return inference_pb2.TensorSpec(name=name, datatype=DATA_TYPES[dtype.upper()], shape=shape)
     except (ValueError, KeyError) as err:
-        raise argparse.ArgumentTypeError(f"expected NAME:TYPE:DIMxDIM (e.g. pixels:FP32:-1x64), got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"expected NAME:TYPE:DIMxDIM (e.g. pixels:FP32:-1x64), got {text!r}"
+        ) from err
 
 
 class EchoServicer(inference_pb2_grpc.InferenceServicer):
@@ -41,14 +44,14 @@ class EchoServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, inputs: list[inference_pb2.TensorSpec]) -> None:
         self._inputs = inputs
 
-    async def Predict(
+    async def Predict(  # noqa: N802 (the generated servicer's method names)
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> inference_pb2.PredictResponse:
         return inference_pb2.PredictResponse(
             id=request.id, model=request.model, model_version=1, outputs=request.inputs
         )
 
-    async def StreamPredict(
+    async def StreamPredict(  # noqa: N802
         self,
         request_iterator: AsyncIterator[inference_pb2.PredictRequest],
         context: grpc.aio.ServicerContext[object, object],
@@ -59,7 +62,7 @@ class EchoServicer(inference_pb2_grpc.InferenceServicer):
             )
             yield inference_pb2.StreamPredictResponse(id=request.id, code=0, response=response)
 
-    async def Health(
+    async def Health(  # noqa: N802
         self, request: inference_pb2.HealthRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> inference_pb2.HealthResponse:
         version = inference_pb2.ModelVersionStatus(
@@ -104,7 +107,9 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
     parser.add_argument(
         "--input",
@@ -119,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-pending-requests",
         type=int,
         default=None,
-        help="gRPC core's limit on calls queued before the servicer takes them (default: gRPC's own, about 1000); "
-        "beyond it clients see CANCELLED",
+        help="gRPC core's limit on calls queued before the servicer takes them "
+        "(default: gRPC's own, about 1000); beyond it clients see CANCELLED",
     )
     args = parser.parse_args(argv)
     inputs = args.inputs or [parse_spec("pixels:FP32:-1x64")]

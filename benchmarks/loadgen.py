@@ -1,8 +1,8 @@
 """Load generator for a Sluice server (or benchmarks/echo_server.py) over grpc.aio.
 
-Closed loop (``--concurrency C``: C requests always in flight) or open loop (``--rate R``: Poisson arrivals at
-R requests/s, latency counted from the planned send time so a slow server cannot hide queueing). The load comes
-from ``--processes P`` client processes, each with its own event loop and channel(s), because one Python
+Closed loop (``--concurrency C``: C requests always in flight) or open loop (``--rate R``: Poisson arrivals
+at R requests/s, latency counted from the planned send time so a slow server cannot hide queueing). The load
+comes from ``--processes P`` client processes, each with its own event loop and channel(s), because one Python
 process tops out well below what a server can take. Reports requests/s, rows/s, latency percentiles, errors by
 status code, the client's own CPU cost per request and, with ``--metrics-url``, the batch sizes the server
 actually formed (from its ``sluice_batch_rows`` histogram).
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
 import multiprocessing as mp
 import random
 import sys
-import time
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +33,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 NUMPY_TYPES: dict[str, type[np.generic]] = {
@@ -100,7 +102,9 @@ def parse_input_shape(text: str) -> InputSpec:
         name, dtype, dims = text.split(":")
         shape = tuple(int(d) for d in dims.lower().split("x"))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected NAME:TYPE:DIMxDIM (e.g. pixels:FP32:1x64), got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"expected NAME:TYPE:DIMxDIM (e.g. pixels:FP32:1x64), got {text!r}"
+        ) from err
     dtype = dtype.upper().removeprefix("DATA_TYPE_")
     if dtype not in NUMPY_TYPES:
         raise argparse.ArgumentTypeError(f"type {dtype!r} is not one of {', '.join(NUMPY_TYPES)}")
@@ -161,7 +165,7 @@ def make_request(model: str, specs: list[InputSpec], rows: int, seed: int) -> in
 
 
 def scrape_batch_rows(url: str, model: str) -> tuple[float, float, dict[float, float]] | None:
-    """Return (sum, count, cumulative buckets) of ``sluice_batch_rows`` for the model, or None if unavailable."""
+    """Return (sum, count, cumulative buckets) of ``sluice_batch_rows`` for the model; None if unavailable."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -194,7 +198,8 @@ def scrape_batch_rows(url: str, model: str) -> tuple[float, float, dict[float, f
 
 
 def batch_report(
-    before: tuple[float, float, dict[float, float]] | None, after: tuple[float, float, dict[float, float]] | None
+    before: tuple[float, float, dict[float, float]] | None,
+    after: tuple[float, float, dict[float, float]] | None,
 ) -> dict[str, Any] | None:
     """Mean rows per batch over the run, from the difference of two scrapes."""
     if before is None or after is None:
@@ -202,7 +207,8 @@ def batch_report(
     batches = after[1] - before[1]
     rows = after[0] - before[0]
     buckets = {
-        ("+Inf" if math.isinf(le) else f"{le:g}"): after[2][le] - before[2].get(le, 0.0) for le in sorted(after[2])
+        ("+Inf" if math.isinf(le) else f"{le:g}"): after[2][le] - before[2].get(le, 0.0)
+        for le in sorted(after[2])
     }
     return {
         "batches": batches,
@@ -251,9 +257,7 @@ async def call(
         recorder.record(started, None)
 
 
-async def run_worker(
-    plan: WorkerPlan, ready: Any, go: Any, progress: Any
-) -> WorkerResult:
+async def run_worker(plan: WorkerPlan, ready: Any, go: Any, progress: Any) -> WorkerResult:
     request = inference_pb2.PredictRequest.FromString(plan.request_bytes)
     channels = [grpc.aio.insecure_channel(plan.target) for _ in range(plan.channels)]
     stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in channels]
@@ -307,7 +311,9 @@ async def run_worker(
             elif delay < -0.001:
                 late += 1  # the client fell behind its schedule: its numbers understate the offered load
             await in_flight.acquire()
-            task = asyncio.create_task(call(stubs[sent % len(stubs)], request, plan.timeout_s, planned, recorder))
+            task = asyncio.create_task(
+                call(stubs[sent % len(stubs)], request, plan.timeout_s, planned, recorder)
+            )
             task.add_done_callback(tasks.discard)
             task.add_done_callback(lambda _: in_flight.release())
             tasks.add(task)
@@ -320,7 +326,7 @@ async def run_worker(
         marker.cancel()
         cpu_start, wall_start = cpu_end, wall_end
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
     return WorkerResult(
         latencies_ms=recorder.latencies_ms,
         errors=dict(recorder.errors),
@@ -411,10 +417,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     for proc in procs:
         proc.start()
-    try:
+    # If a worker fails to connect the barrier breaks; its error arrives on the results queue.
+    with contextlib.suppress(threading.BrokenBarrierError):
         ready.wait(timeout=60.0)
-    except threading.BrokenBarrierError:
-        pass  # a worker failed to connect: its error arrives on the results queue
     go.set()
     started = time.perf_counter()
 
@@ -459,7 +464,7 @@ class _NoBar:
 def _progress(args: argparse.Namespace, total: int | None) -> Any:
     if args.no_progress:
         return _NoBar()
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     if total is not None:
         return tqdm(total=total, unit="req", file=sys.stderr)
@@ -532,7 +537,10 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(f"target {report['target']}  model {report['model']}  {load}  processes {report['processes']}")
     print(f"  window         {report['window_s']:.2f} s, {report['requests_ok']} ok")
-    print(f"  throughput     {_fmt(report['requests_per_s'], ',.0f')} req/s, {_fmt(report['rows_per_s'], ',.0f')} rows/s")
+    print(
+        f"  throughput     {_fmt(report['requests_per_s'], ',.0f')} req/s, "
+        f"{_fmt(report['rows_per_s'], ',.0f')} rows/s"
+    )
     print(
         f"  latency (ms)   p50 {_fmt(lat['p50'], '.3f')}  p90 {_fmt(lat['p90'], '.3f')}  "
         f"p99 {_fmt(lat['p99'], '.3f')}  max {_fmt(lat['max'], '.3f')}"
@@ -553,7 +561,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", type=check_loopback, required=True, help="HOST:PORT, loopback only")
     parser.add_argument("--model", default="digits", help="model name to call (default: digits)")
     parser.add_argument(
@@ -566,15 +576,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=1, help="rows per request (the batch dimension)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (total)")
-    load.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second (total)")
-    parser.add_argument("--max-in-flight", type=int, default=10_000, help="open loop: cap on outstanding calls")
+    load.add_argument(
+        "--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second (total)"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=10_000, help="open loop: cap on outstanding calls"
+    )
     parser.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     parser.add_argument("--channels", type=int, default=1, help="grpc.aio channels per process")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds (after warmup)")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many requests (total)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds at the start left out of the stats")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds at the start left out of the stats"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
-    parser.add_argument("--metrics-url", type=check_metrics_url, help="server's Prometheus endpoint (loopback)")
+    parser.add_argument(
+        "--metrics-url", type=check_metrics_url, help="server's Prometheus endpoint (loopback)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for input data and arrival times")
     parser.add_argument("--json", type=Path, help="write the report to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -95,7 +95,7 @@ def encoder_layer(g: GraphBuilder, x: str, seq: int, dim: int, heads: int, ffn: 
 
     h = g.layer_norm(x, dim)
     qkv = []
-    for hint in ("q", "k", "v"):
+    for _ in ("q", "k", "v"):
         projected = g.op("Reshape", g.linear(h, dim, dim), split_shape)
         qkv.append(g.op("Transpose", projected, perm=[0, 2, 1, 3]))  # [N, H, S, Dh]
     q, k, v = qkv
@@ -138,14 +138,18 @@ def finish(g: GraphBuilder, logits: str, model_input: tuple[str, list[Any]], cla
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=g.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sluice-bench")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sluice-bench"
+    )
     model.ir_version = 8  # readable by every onnxruntime that supports opset 17
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
     parser.add_argument("--name", default="heavy", help="model name (directory under --out)")
     parser.add_argument("--kind", choices=["mlp", "transformer"], default="mlp")
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_transformer(
             args.layers, args.seq, args.dim, args.heads, args.ffn, args.classes, args.seed
         )
-        description = f"Synthetic {args.layers}-layer transformer encoder ({args.seq}x{args.dim}) for load tests"
+        description = (
+            f"Synthetic {args.layers}-layer transformer encoder ({args.seq}x{args.dim}) for load tests"
+        )
         signature = f"input tokens FP32 [N, {args.seq}, {args.dim}]"
     model_dir = args.out / args.name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def train(x_train: NDArray[np.float32], y_train: NDArray[np.int64]) -> Any:
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     clf = MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=1000, random_state=0)
     pipeline = Pipeline([("scale", StandardScaler()), ("mlp", clf)])
@@ -96,7 +96,9 @@ def check_with_onnxruntime(model_bytes: bytes, pipeline: Any, x_test: NDArray[np
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write model.onnx")
     args = parser.parse_args(argv)
 

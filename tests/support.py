@@ -25,7 +25,8 @@ DIGITS_ONNX = DIGITS_DIR / "1" / "model.onnx"
 def train_digits_module() -> ModuleType:
     """examples/train_digits.py, imported by path (it is a script, not a package)."""
     spec = importlib.util.spec_from_file_location("train_digits", ROOT / "examples" / "train_digits.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,7 +114,9 @@ def tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
     return encode(name, np.asarray(array))
 
 
-def request(model: str, id: str = "", version: int | None = None, **inputs: npt.ArrayLike) -> pb.PredictRequest:
+def request(
+    model: str, id: str = "", version: int | None = None, **inputs: npt.ArrayLike
+) -> pb.PredictRequest:
     req = pb.PredictRequest(model=model, id=id, inputs=[tensor(n, a) for n, a in inputs.items()])
     if version is not None:
         req.version = version

@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from support import add_digits, request, save, string_bytes, strings_model, tensor, two_inputs_model
 
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import add_digits, request, save, string_bytes, strings_model, tensor, two_inputs_model
 
 PIXELS = np.zeros((1, 64), dtype=np.float32)
 
@@ -25,7 +25,7 @@ async def error_stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
     save(two_inputs_model(), repo / "pair" / "1" / "model.onnx")
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
-    settings = ServerSettings(model_repository=repo, port=0, metrics_port=None, max_message_bytes=1 << 20)
+    settings = ServerSettings(model_repository=repo, port=0, metrics_port=-1, max_message_bytes=1 << 20)
     server = SluiceServer(settings)
     await server.start()
     await server.loaded()

@@ -7,13 +7,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from support import add_digits, request, save, add_model
 
 from sluice.server.app import SluiceServer
 from sluice.server.runtime import cuda_unavailable_reason
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import add_digits, add_model, request, save
 
 
 async def test_bundled_model_is_ready(stub: pb_grpc.InferenceStub) -> None:
@@ -24,14 +24,16 @@ async def test_bundled_model_is_ready(stub: pb_grpc.InferenceStub) -> None:
     (version,) = digits.versions
     assert version.version == 1
     assert version.state == pb.MODEL_STATE_READY
-    assert [(i.name, i.datatype, list(i.shape)) for i in version.inputs] == [("pixels", pb.DATA_TYPE_FP32, [-1, 64])]
+    assert [(i.name, i.datatype, list(i.shape)) for i in version.inputs] == [
+        ("pixels", pb.DATA_TYPE_FP32, [-1, 64])
+    ]
     assert [o.name for o in version.outputs] == ["label", "probabilities"]
     assert version.max_batch_size == 64
     assert "CPUExecutionProvider" in version.providers
 
 
 async def _serve(repo: Path) -> SluiceServer:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=None))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1))
     await server.start()
     await server.loaded()
     return server
@@ -107,7 +109,9 @@ async def test_nothing_loads_is_not_serving(repo: Path) -> None:
         await server.stop(0)
 
 
-@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA works here; this checks the CPU-only case")
+@pytest.mark.skipif(
+    cuda_unavailable_reason() is None, reason="CUDA works here; this checks the CPU-only case"
+)
 async def test_model_requiring_cuda_fails_without_it(repo: Path) -> None:
     model = add_digits(repo)
     (model / "config.toml").write_text('[execution]\nproviders = "cuda"\n')

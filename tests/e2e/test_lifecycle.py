@@ -8,16 +8,15 @@ import re
 import signal
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from support import outputs, request, save, slow_model
 
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import outputs, request, save, slow_model
 
 SLUICE = [sys.executable, "-m", "sluice.server.cli"]
 
@@ -60,10 +59,10 @@ async def start(*args: str) -> Process:
 
 
 @pytest.fixture
-async def slow_repo(repo: Path) -> AsyncIterator[Path]:
+def slow_repo(repo: Path) -> Path:
     save(slow_model(), repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\n")
-    yield repo
+    return repo
 
 
 def _metric(port: int, name: str) -> float:

@@ -8,12 +8,22 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support import DIGITS_ONNX, add_digits, add_model, outputs, request, save, strings_model, tensor, train_digits_module
 
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import (
+    DIGITS_ONNX,
+    add_digits,
+    add_model,
+    outputs,
+    request,
+    save,
+    strings_model,
+    tensor,
+    train_digits_module,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +32,9 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return x_test, y_test
 
 
-async def test_outputs_equal_the_onnx_session(stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]) -> None:
+async def test_outputs_equal_the_onnx_session(
+    stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = digits
     session = ort.InferenceSession(str(DIGITS_ONNX), providers=["CPUExecutionProvider"])
     for rows in (x[:1], x[1:4], x[4:68]):
@@ -49,7 +61,9 @@ async def test_held_out_accuracy_through_the_server(
     assert accuracy >= 0.95, f"held-out accuracy {accuracy:.3f}"
 
 
-async def test_selected_outputs_only(stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]) -> None:
+async def test_selected_outputs_only(
+    stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
     req = request("digits", pixels=digits[0][:2])
     req.outputs.extend(["probabilities"])
     response = await stub.Predict(req)
@@ -57,7 +71,9 @@ async def test_selected_outputs_only(stub: pb_grpc.InferenceStub, digits: tuple[
     assert list(response.outputs[0].shape) == [2, 10]
 
 
-async def test_sparse_input_is_densified(stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]) -> None:
+async def test_sparse_input_is_densified(
+    stub: pb_grpc.InferenceStub, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
     rows = digits[0][:3]
     dense = await stub.Predict(request("digits", pixels=rows))
     indices = np.argwhere(rows != 0).astype("<i8")
@@ -72,7 +88,7 @@ async def test_sparse_input_is_densified(stub: pb_grpc.InferenceStub, digits: tu
 
 
 async def _serve(repo: Path, **kw: object) -> SluiceServer:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=None, **kw))  # type: ignore[arg-type]
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, **kw))  # type: ignore[arg-type]
     await server.start()
     await server.loaded()
     return server

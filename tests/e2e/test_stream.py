@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import onnxruntime as ort
-from support import DIGITS_ONNX, outputs, request
 
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import DIGITS_ONNX, outputs, request
 
 
 async def test_interleaved_ids_each_answered_once(stub: pb_grpc.InferenceStub) -> None:
@@ -43,7 +43,9 @@ async def test_interleaved_ids_each_answered_once(stub: pb_grpc.InferenceStub) -
             continue
         assert answer.code == 0, answer.message
         assert answer.response.id == rid
-        np.testing.assert_array_equal(outputs(answer.response)["label"], session.run(["label"], {"pixels": x})[0])
+        np.testing.assert_array_equal(
+            outputs(answer.response)["label"], session.run(["label"], {"pixels": x})[0]
+        )
     assert answers["id-17"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "expected FP32 [-1, 64], got FP64" in answers["id-17"].message
     assert answers["id-42"].code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -38,7 +38,10 @@ class SluiceServer:
         self.metrics = Metrics()
         root = settings.model_repository or bundled_repository()
         self.repository = ModelRepository(
-            root, self.metrics, max_bytes=settings.max_message_bytes, inference_threads=settings.inference_threads
+            root,
+            self.metrics,
+            max_bytes=settings.max_message_bytes,
+            inference_threads=settings.inference_threads,
         )
         self.service = InferenceService(self.repository, self.metrics)
         self.port = 0
@@ -75,15 +78,18 @@ class SluiceServer:
             raise OSError(f"cannot bind the gRPC port {bind}")
         if self.settings.unix_socket:
             self._server.add_insecure_port(f"unix:{self.settings.unix_socket}")
-        if self.settings.metrics_port is not None:
+        if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._server.start()
         log.info(
             "serving repository=%s grpc=%s%s metrics=%s",
-            self.repository.root, self.address,
+            self.repository.root,
+            self.address,
             f" unix:{self.settings.unix_socket}" if self.settings.unix_socket else "",
-            f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
-        )  # fmt: skip
+            f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics"
+            if self.metrics_port
+            else "off",
+        )
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> None:

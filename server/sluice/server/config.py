@@ -31,16 +31,26 @@ class CropConfig(_Frozen):
 
 
 class TensorConfig(_Frozen):
-    """Overrides for one input or output found in the ONNX graph, keyed by its graph name."""
+    """Overrides for one input or output found in the ONNX graph, keyed by its graph name (NAME).
 
-    name: str | None = Field(default=None, min_length=1, description="Name callers use instead of the graph's.")
+    The same keys apply to `outputs.NAME`, except that outputs take `crop` where inputs take `pad`.
+    """
+
+    name: str | None = Field(
+        default=None, min_length=1, description="Name callers use instead of the graph's."
+    )
     shape: list[int] | None = Field(
         default=None,
         description="Constrains the graph's shape: a number fixes a dimension, -1 leaves it free. "
         "Includes the batch dimension.",
     )
-    pad: PadConfig | None = Field(default=None, description="Inputs only: pad this axis to batch requests.")
-    crop: CropConfig | None = Field(default=None, description="Outputs only: crop this axis per request.")
+    pad: PadConfig | None = Field(
+        default=None,
+        description="Inputs only: pad this axis so requests of different lengths batch together.",
+    )
+    crop: CropConfig | None = Field(
+        default=None, description="Outputs only (`outputs.NAME.crop`): crop this axis per request."
+    )
 
 
 class BatchingConfig(_Frozen):
@@ -76,7 +86,9 @@ class ExecutionConfig(_Frozen):
         description="cuda: require a working CUDA device (fail to load otherwise); cpu; auto: CUDA when it "
         "works, else CPU.",
     )
-    instances: int = Field(default=1, ge=1, le=64, description="Sessions of this model, each running batches.")
+    instances: int = Field(
+        default=1, ge=1, le=64, description="Sessions of this model, each running batches."
+    )
     intra_op_threads: int = Field(
         default=0, ge=0, description="Threads per session; 0 shares the server's inference_threads."
     )
@@ -110,7 +122,9 @@ class ModelConfig(_Frozen):
                 raise ValueError(f"inputs.{key}.crop: crop applies to outputs; inputs are padded with `pad`")
         for key, tensor in self.outputs.items():
             if tensor.pad is not None:
-                raise ValueError(f"outputs.{key}.pad: pad applies to inputs; outputs are cut back with `crop`")
+                raise ValueError(
+                    f"outputs.{key}.pad: pad applies to inputs; outputs are cut back with `crop`"
+                )
         dims = {t.pad.dim for t in self.inputs.values() if t.pad is not None}
         for key, tensor in self.outputs.items():
             if tensor.crop is not None and tensor.crop.dim not in dims:

@@ -64,7 +64,7 @@ def to_status(exc: BaseException, context: str) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, BatcherError):
         for kind in type(exc).__mro__:
-            code = _BATCHER_CODES.get(kind)  # type: ignore[call-overload]
+            code = _BATCHER_CODES.get(kind)
             if code is not None:
                 break
         else:

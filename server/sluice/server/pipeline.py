@@ -79,8 +79,7 @@ class Servable:
         if len(arrays) != len(self._inputs):
             missing = [s for s in self._inputs.values() if s.name not in arrays]
             raise invalid(
-                "missing input "
-                + ", ".join(f"'{s.name}': expected {s.describe()}" for s in missing)
+                "missing input " + ", ".join(f"'{s.name}': expected {s.describe()}" for s in missing)
             )
         if self.batching:
             rows = {name: a.shape[0] for name, a in arrays.items()}

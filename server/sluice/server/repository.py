@@ -69,7 +69,9 @@ class ModelEntry:
     def failure(self) -> str:
         if self.reason:
             return self.reason
-        failed = [f"version {v.version}: {v.reason}" for v in self.versions if v.state == pb.MODEL_STATE_FAILED]
+        failed = [
+            f"version {v.version}: {v.reason}" for v in self.versions if v.state == pb.MODEL_STATE_FAILED
+        ]
         return "; ".join(failed)
 
 
@@ -91,7 +93,9 @@ class ModelRepository:
         """Finds model directories and versions and validates configs; loads nothing yet."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
-        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        for path in sorted(
+            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+        ):
             entry = ModelEntry(path.name, path)
             self.models[entry.name] = entry
             try:
@@ -105,7 +109,9 @@ class ModelRepository:
                 if child.is_dir() and child.name.isdigit():
                     versions.append(int(child.name))
                 elif child.is_dir():
-                    log.warning("model %s: ignoring %s: version directories are named by integers", entry.name, child)
+                    log.warning(
+                        "model %s: ignoring %s: version directories are named by integers", entry.name, child
+                    )
             if entry.config.versions is not None:
                 missing = sorted(set(entry.config.versions) - set(versions))
                 if missing:
@@ -120,12 +126,16 @@ class ModelRepository:
                 entry.reason = f"{path}: no version directory (<model>/<integer>/{MODEL_FILE}) found"
                 log.error("model %s failed: %s", entry.name, entry.reason)
                 continue
-            entry.versions = [VersionEntry(v, path / str(v) / MODEL_FILE) for v in sorted(set(versions), reverse=True)]
+            entry.versions = [
+                VersionEntry(v, path / str(v) / MODEL_FILE) for v in sorted(set(versions), reverse=True)
+            ]
 
     async def load(self) -> None:
         """Loads every version in worker threads, so Health answers while big models load."""
         sessions = sum(
-            e.config.execution.instances * len(e.versions) for e in self.models.values() if e.config is not None
+            e.config.execution.instances * len(e.versions)
+            for e in self.models.values()
+            if e.config is not None
         )
         threads = threads_per_session(self.inference_threads, sessions)
         jobs = [
@@ -182,10 +192,7 @@ class ModelRepository:
 
     def resolve(self, name: str, version: int | None) -> Servable:
         """The servable a request names; NOT_FOUND or UNAVAILABLE (with the reason) otherwise."""
-        if version is None:
-            servable = self._default.get(name)
-        else:
-            servable = self._pinned.get((name, version))
+        servable = self._default.get(name) if version is None else self._pinned.get((name, version))
         if servable is not None:
             return servable
         entry = self.models.get(name)

@@ -136,7 +136,10 @@ class OnnxModel:
         for _ in range(execution.instances):
             try:
                 session = ort.InferenceSession(
-                    data, sess_options=options, providers=self.providers_requested, provider_options=provider_options
+                    data,
+                    sess_options=options,
+                    providers=self.providers_requested,
+                    provider_options=provider_options,
                 )
             except Exception as exc:  # ONNX Runtime raises several unrelated types for a bad file.
                 raise LoadError(f"{path}: not a valid ONNX model: {_first_line(exc)}") from None
@@ -149,7 +152,9 @@ class OnnxModel:
         self.max_batch_size = _batch_size(self, config)
         self.threads = options.intra_op_num_threads
 
-    def run(self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def run(
+        self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
         session = self.sessions[instance]
         graph_feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
@@ -167,12 +172,17 @@ def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: P
     names = {node.name for node in nodes}
     for key in overrides:
         if key not in names:
-            raise LoadError(f"config {kind}.{key}: the graph has no {kind[:-1]} '{key}' (it has: {', '.join(sorted(names))})")
+            raise LoadError(
+                f"config {kind}.{key}: the graph has no {kind[:-1]} '{key}' "
+                f"(it has: {', '.join(sorted(names))})"
+            )
     specs = []
     for node in nodes:
         datatype = _ORT_TYPES.get(node.type)
         if datatype is None:
-            raise LoadError(f"{path}: {kind[:-1]} '{node.name}' has type {node.type}, which Sluice cannot serve")
+            raise LoadError(
+                f"{path}: {kind[:-1]} '{node.name}' has type {node.type}, which Sluice cannot serve"
+            )
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
         override = overrides.get(node.name)
         public = node.name
@@ -191,11 +201,16 @@ def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: P
 
 def _constrain(graph: tuple[int, ...], wanted: list[int], where: str) -> tuple[int, ...]:
     if len(wanted) != len(graph):
-        raise LoadError(f"{where}: the graph's shape {format_shape(graph)} has rank {len(graph)}, got {format_shape(wanted)}")
+        raise LoadError(
+            f"{where}: the graph's shape {format_shape(graph)} has rank {len(graph)}, "
+            f"got {format_shape(wanted)}"
+        )
     out = []
     for g, w in zip(graph, wanted, strict=True):
         if w < -1 or (g != -1 and w not in (-1, g)):
-            raise LoadError(f"{where}: {format_shape(wanted)} does not fit the graph's shape {format_shape(graph)}")
+            raise LoadError(
+                f"{where}: {format_shape(wanted)} does not fit the graph's shape {format_shape(graph)}"
+            )
         out.append(g if w == -1 else w)
     return tuple(out)
 

@@ -32,7 +32,11 @@ class Scheduler(Protocol):
     def start(self) -> None: ...
 
     async def submit(
-        self, inputs: Mapping[str, npt.NDArray[np.generic]], *, priority: int = 0, deadline: float | None = None
+        self,
+        inputs: Mapping[str, npt.NDArray[np.generic]],
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
     ) -> Mapping[str, npt.NDArray[np.generic]]: ...
 
     async def drain(self, grace: float) -> None: ...
@@ -105,7 +109,11 @@ class DirectScheduler:
         """Nothing to start: runs happen in the callers' tasks."""
 
     async def submit(
-        self, inputs: Mapping[str, npt.NDArray[np.generic]], *, priority: int = 0, deadline: float | None = None
+        self,
+        inputs: Mapping[str, npt.NDArray[np.generic]],
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
     ) -> Mapping[str, npt.NDArray[np.generic]]:
         if self._closed:
             raise BatcherClosedError(f"model '{self._name}': the server is shutting down")

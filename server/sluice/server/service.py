@@ -38,7 +38,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.phase = Phase.STARTING
         self._latency: dict[tuple[str, str], Any] = {}
 
-    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PredictResponse:  # noqa: N802
+    async def Predict(  # noqa: N802
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
         started = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else started + remaining
@@ -70,7 +72,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             except Exception as exc:
                 code, message = to_status(exc, f"StreamPredict model={request.model!r} id={request.id!r}")
                 self._count(request, "StreamPredict", code.name, started)
-                answers.put_nowait(pb.StreamPredictResponse(id=request.id, code=code.value[0], message=message))
+                answers.put_nowait(
+                    pb.StreamPredictResponse(id=request.id, code=code.value[0], message=message)
+                )
             else:
                 self._count(request, "StreamPredict", "OK", started)
                 answers.put_nowait(pb.StreamPredictResponse(id=request.id, response=response))
@@ -99,17 +103,19 @@ class InferenceService(pb_grpc.InferenceServicer):
             for task in list(pending):
                 task.cancel()
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.HealthResponse:  # noqa: N802
+    async def Health(  # noqa: N802
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HealthResponse:
         try:
             models = self.repository.status(request.model or None)
         except SluiceError as exc:
             await context.abort(exc.code, exc.message)
         return pb.HealthResponse(state=self.state(), models=models)
 
-    def state(self) -> int:
+    def state(self) -> pb.ServingState.ValueType:
         """SERVING once loading is over and some model is ready; NOT_SERVING when none could load."""
         if self.phase is not Phase.SERVING:
-            return self.phase.value
+            return pb.ServingState.ValueType(self.phase.value)
         if any(entry.state == pb.MODEL_STATE_READY for entry in self.repository.models.values()):
             return pb.SERVING_STATE_SERVING
         return pb.SERVING_STATE_NOT_SERVING

@@ -30,11 +30,11 @@ class ServerSettings(BaseSettings):
         default=None, description="Also serve on this unix socket path (clients dial unix:PATH)."
     )
     metrics_host: str = Field(default="127.0.0.1", description="Interface the metrics endpoint binds to.")
-    metrics_port: int | None = Field(
+    metrics_port: int = Field(
         default=8002,
-        ge=0,
+        ge=-1,
         le=65535,
-        description="Prometheus metrics port, served at /metrics; 0 picks a free one, unset disables it.",
+        description="Prometheus metrics port, served at /metrics; 0 picks a free one, -1 turns metrics off.",
     )
     max_message_bytes: int = Field(
         default=64 * MiB,

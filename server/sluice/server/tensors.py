@@ -122,8 +122,7 @@ def decode_strings(raw: bytes, count: int, what: str) -> npt.NDArray[np.object_]
         offset += length
     if offset != len(raw):
         raise invalid(
-            f"{what}: malformed STRING contents: {count} elements end at byte {offset}, "
-            f"got {len(raw)} bytes"
+            f"{what}: malformed STRING contents: {count} elements end at byte {offset}, got {len(raw)} bytes"
         )
     return out
 

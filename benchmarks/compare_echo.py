@@ -1,0 +1,165 @@
+"""Run the same load against a server and against the echo server, alternating, and print the ratio.
+
+Both run as subprocesses on free loopback ports on the same machine in the same run, so drift (thermal,
+neighbours, other processes) hits both alike. The ratio server/echo requests/s says how much of the bare
+gRPC ceiling the server keeps at that concurrency.
+
+The server command must print its port on stdout, as ``listening on HOST:PORT`` or a bare ``PORT`` line (the
+echo server and ``sluice serve --port 0`` do), or take ``--server-port`` for a port it was told to use.
+
+Run: ``PYTHONPATH=proto python benchmarks/compare_echo.py --server-cmd "sluice serve --port 0 ..." \\
+--model digits --concurrency 8``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PORT_LINE = re.compile(r"listening on \S*:(\d+)|^\s*(\d+)\s*$")
+
+
+@contextmanager
+def started(cmd: list[str], port: int | None, startup_s: float, echo_output: bool) -> Iterator[int]:
+    """Start ``cmd``, wait for its port, keep draining its output, and stop it on exit."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        found: list[int] = [] if port is None else [port]
+        seen = threading.Event()
+        if port is not None:
+            seen.set()
+
+        def drain() -> None:
+            # Read every line, forever: a full pipe would block the server mid-benchmark.
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if echo_output:
+                    sys.stderr.write(f"[{Path(cmd[0]).name}] {line}")
+                match = PORT_LINE.search(line)
+                if match and not seen.is_set():
+                    found.append(int(match.group(1) or match.group(2)))
+                    seen.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + startup_s
+        while not seen.wait(0.1):
+            if proc.poll() is not None:
+                raise SystemExit(f"error: {shlex.join(cmd)} exited with {proc.returncode} before listening")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: {shlex.join(cmd)} printed no port within {startup_s:.0f} s")
+        yield found[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_loadgen(port: int, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            f"--target=127.0.0.1:{port}",
+            f"--model={args.model}",
+            f"--concurrency={args.concurrency}",
+            f"--processes={args.processes}",
+            f"--duration={args.duration}",
+            f"--warmup={args.warmup}",
+            f"--rows={args.rows}",
+            f"--json={out}",
+            "--no-progress",
+            *extra,
+        ]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        report: dict[str, Any] = json.loads(out.read_text())
+        return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--server-cmd", required=True, help="command line that starts the server to measure")
+    parser.add_argument("--server-port", type=int, help="port the server listens on, if it does not print it")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:TYPE:DIMS",
+        help="inputs for both targets (passed to loadgen); default: the server's Health, reused for echo",
+    )
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per round and target")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for a port")
+    parser.add_argument("--show-output", action="store_true", help="copy the servers' output to stderr")
+    parser.add_argument("--json", type=Path, help="write all rounds and the ratio to this file")
+    args = parser.parse_args(argv)
+
+    env_note = "" if "PYTHONPATH" in os.environ else " (set PYTHONPATH=proto if sluice is not installed)"
+    echo_cmd = [sys.executable, str(HERE / "echo_server.py"), "--port", "0"]
+    server_cmd = shlex.split(args.server_cmd)
+    rounds: list[dict[str, Any]] = []
+    with (
+        started(server_cmd, args.server_port, args.startup_timeout, args.show_output) as server_port,
+        started(echo_cmd, None, args.startup_timeout, args.show_output) as echo_port,
+    ):
+        shapes = [f"--input-shape={s}" for s in args.input_shape]
+        if not shapes:
+            # The echo server advertises a fixed input; send it exactly what the server is sent.
+            first = run_loadgen(
+                server_port, argparse.Namespace(**{**vars(args), "duration": 0.5, "warmup": 0}), []
+            )
+            shapes = [
+                f"--input-shape={i['name']}:{i['dtype']}:{'x'.join(str(d) for d in i['shape'])}"
+                for i in first["inputs"]
+            ]
+        for index in range(args.rounds):
+            # Alternate which goes first so that a warm cache or a slow start does not favour one side.
+            order = [("server", server_port), ("echo", echo_port)]
+            if index % 2:
+                order.reverse()
+            result: dict[str, Any] = {}
+            for name, port in order:
+                result[name] = run_loadgen(port, args, shapes)
+            ratio = result["server"]["requests_per_s"] / result["echo"]["requests_per_s"]
+            rounds.append({"server": result["server"], "echo": result["echo"], "ratio": ratio})
+            print(
+                f"round {index + 1}: server {result['server']['requests_per_s']:,.0f} req/s "
+                f"(p50 {result['server']['latency_ms']['p50']:.2f} ms, "
+                f"errors {result['server']['errors'] or 0}), "
+                f"echo {result['echo']['requests_per_s']:,.0f} req/s "
+                f"(p50 {result['echo']['latency_ms']['p50']:.2f} ms), ratio {ratio:.2f}",
+                flush=True,
+            )
+    median = statistics.median(r["ratio"] for r in rounds)
+    print(f"server/echo requests/s at concurrency {args.concurrency}: median ratio {median:.2f}{env_note}")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

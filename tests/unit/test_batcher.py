@@ -1,0 +1,509 @@
+"""The batcher through its public API, with a fake model that holds batches back on an asyncio.Event."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from sluice.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatcherConfig,
+    BatchInputError,
+    BatchTooLargeError,
+    DeadlineExpiredError,
+    ModelRunError,
+    OutputMismatchError,
+    PadSpec,
+    QueueFullError,
+)
+
+Array = npt.NDArray[Any]
+T = TypeVar("T")
+
+
+class FakeModel:
+    """Records every batch; each run waits at `gate` until the test opens it."""
+
+    def __init__(self, *, held: bool = False) -> None:
+        self.gate = asyncio.Event()
+        if not held:
+            self.gate.set()
+        self.batches: list[dict[str, Array]] = []
+        self.instances: list[int] = []
+        self.running = 0
+        self.most_running = 0
+        self.fail_when: Callable[[dict[str, Array]], bool] = lambda inputs: False
+        self.answer: Callable[[dict[str, Array]], Mapping[str, Any]] = lambda inputs: {"y": inputs["x"] * 2}
+
+    async def run(self, instance: int, inputs: dict[str, Array]) -> Mapping[str, Any]:
+        self.batches.append(inputs)
+        self.instances.append(instance)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        if self.fail_when(inputs):
+            raise ValueError("bad batch")
+        return self.answer(inputs)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(next(iter(batch.values()))) for batch in self.batches]
+
+
+class Recorder:
+    """An observer that keeps every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def on_enqueue(self, rows: int, queue_rows: int) -> None:
+        self.calls.append(("enqueue", (rows, queue_rows)))
+
+    def on_reject(self, reason: str, rows: int) -> None:
+        self.calls.append(("reject", (reason, rows)))
+
+    def on_drop(self, reason: str, queued_for: float) -> None:
+        self.calls.append(("drop", (reason,)))
+
+    def on_batch(self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int) -> None:
+        self.calls.append(("batch", (rows, requests, len(queue_waits), busy)))
+
+    def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
+        self.calls.append(("done", (rows, type(error).__name__ if error else None, busy)))
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for kind, args in self.calls if kind == name]
+
+
+Make = Callable[..., Batcher]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Make]:
+    """Builds started batchers ("fixed" with no delay unless told: runs exactly what is queued) and
+    drains them at the end, so no task outlives its test."""
+    made: list[Batcher] = []
+
+    def build(model: FakeModel, *, observer: Recorder | None = None, **options: Any) -> Batcher:
+        options.setdefault("policy", "fixed")
+        options.setdefault("max_delay", 0.0)
+        options.setdefault("max_batch_size", 8)
+        batcher = Batcher(model.run, BatcherConfig(**options), name="test", observer=observer)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield build
+    for batcher in made:
+        await batcher.drain(0)
+
+
+async def within(awaitable: Awaitable[T]) -> T:
+    """Awaits with a bound, so a batcher bug fails the test instead of hanging the suite."""
+    return await asyncio.wait_for(awaitable, 5)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Lets other tasks run until `condition` holds (yields only, no timed sleeps)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+def rows(*values: float, width: int = 1) -> dict[str, Array]:
+    return {"x": np.array([[v] * width for v in values], dtype=np.float32)}
+
+
+def spawn(batcher: Batcher, inputs: Mapping[str, Array], **options: Any) -> asyncio.Task[dict[str, Array]]:
+    return asyncio.create_task(batcher.submit(inputs, **options))
+
+
+def assert_idle(batcher: Batcher) -> None:
+    assert (batcher.queue_rows, batcher.in_flight, batcher.busy) == (0, 0, 0)
+
+
+async def hold_instance(batcher: Batcher, model: FakeModel) -> asyncio.Task[dict[str, Array]]:
+    """Occupies the (single) instance with a request that waits at the model's gate."""
+    blocker = spawn(batcher, rows(-1.0))
+    await until(lambda: model.running == 1)
+    return blocker
+
+
+# -- size and time bounds -------------------------------------------------------------------------------
+
+
+async def test_a_full_batch_dispatches_without_waiting_for_the_delay(make: Make) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=4, max_delay=60.0)
+    results = await within(asyncio.gather(*(batcher.submit(rows(i)) for i in range(4))))
+    assert model.sizes == [4]
+    assert [r["y"].tolist() for r in results] == [[[0.0]], [[2.0]], [[4.0]], [[6.0]]]
+
+
+async def test_batches_never_exceed_max_rows(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model, max_batch_size=4)
+    blocker = await hold_instance(batcher, model)
+    sizes = [3, 1, 2, 2, 4, 1, 3]
+    tasks = [spawn(batcher, rows(*range(n))) for n in sizes]
+    await until(lambda: batcher.queue_rows == sum(sizes))
+    model.gate.set()
+    results = await within(asyncio.gather(blocker, *tasks))
+    assert all(size <= 4 for size in model.sizes)
+    assert sum(model.sizes) == 1 + sum(sizes)
+    for n, result in zip(sizes, results[1:], strict=True):
+        assert result["y"][:, 0].tolist() == [2.0 * i for i in range(n)]
+    assert_idle(batcher)
+
+
+async def test_a_partial_batch_runs_once_the_delay_passes(make: Make) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=8, max_delay=0.01)
+    result = await within(batcher.submit(rows(1.0, 2.0)))
+    assert result["y"].tolist() == [[2.0], [4.0]]
+    assert model.sizes == [2]
+
+
+async def test_rows_are_counted_not_requests(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model, max_batch_size=4)
+    blocker = await hold_instance(batcher, model)
+    three = spawn(batcher, rows(1, 2, 3))
+    two = spawn(batcher, rows(4, 5))
+    await until(lambda: batcher.queue_rows == 5)
+    model.gate.set()
+    await within(asyncio.gather(blocker, three, two))
+    assert model.sizes == [1, 3, 2]  # 3 + 2 rows do not fit in one batch of 4
+
+
+async def test_a_request_larger_than_a_batch_is_rejected(make: Make) -> None:
+    recorder = Recorder()
+    batcher = make(FakeModel(), max_batch_size=4, observer=recorder)
+    with pytest.raises(BatchTooLargeError, match=r"model 'test'.* 5 rows.*max_batch_size=4"):
+        await batcher.submit(rows(1, 2, 3, 4, 5))
+    assert recorder.named("reject") == [("too_large", 5)]
+    assert_idle(batcher)
+
+
+# -- grouping, padding, priorities ---------------------------------------------------------------------
+
+
+async def test_incompatible_shapes_and_dtypes_run_in_separate_batches(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model)
+    blocker = await hold_instance(batcher, model)
+    narrow_a = spawn(batcher, rows(1.0, width=1))
+    wide = spawn(batcher, rows(2.0, width=3))
+    narrow_b = spawn(batcher, rows(3.0, width=1))
+    doubles = spawn(batcher, {"x": np.array([[4.0]], dtype=np.float64)})
+    await until(lambda: batcher.queue_rows == 4)
+    model.gate.set()
+    results = await within(asyncio.gather(blocker, narrow_a, wide, narrow_b, doubles))
+    shapes = [(batch["x"].shape, batch["x"].dtype.name) for batch in model.batches]
+    assert shapes == [((1, 1), "float32"), ((2, 1), "float32"), ((1, 3), "float32"), ((1, 1), "float64")]
+    assert results[2]["y"].tolist() == [[4.0, 4.0, 4.0]]
+    assert results[3]["y"].tolist() == [[6.0]]
+
+
+async def test_padding_batches_different_lengths_and_crops_outputs_back(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.answer = lambda inputs: {
+        "x": inputs["x"] * 10,  # cropped back to each caller's length
+        "total": inputs["x"].sum(axis=1, keepdims=True),  # not cropped: sees the pad value
+    }
+    batcher = make(
+        model,
+        pad={"x": (PadSpec(axis=1, dim="seq", value=-1),)},
+        crop={"x": ((1, "seq"),)},
+    )
+    blocker = spawn(batcher, {"x": np.ones((1, 4), dtype=np.int64)})
+    await until(lambda: model.running == 1)
+    short = spawn(batcher, {"x": np.array([[1, 2]], dtype=np.int64)})
+    long = spawn(batcher, {"x": np.array([[3, 4, 5, 6], [7, 8, 9, 10]], dtype=np.int64)})
+    await until(lambda: batcher.queue_rows == 3)
+    model.gate.set()
+    _, short_out, long_out = await within(asyncio.gather(blocker, short, long))
+    assert model.batches[1]["x"].tolist() == [[1, 2, -1, -1], [3, 4, 5, 6], [7, 8, 9, 10]]
+    assert short_out["x"].tolist() == [[10, 20]]
+    assert long_out["x"].tolist() == [[30, 40, 50, 60], [70, 80, 90, 100]]
+    assert short_out["total"].tolist() == [[1]]  # 1 + 2 - 1 - 1: the model saw the padding
+
+
+async def test_padding_needs_the_padded_axis(make: Make) -> None:
+    batcher = make(FakeModel(), pad={"x": (PadSpec(axis=2, dim="seq"),)})
+    with pytest.raises(BatchInputError, match=r"'x' has rank 2.*axis 2"):
+        await batcher.submit(rows(1.0))
+
+
+async def test_higher_priority_runs_first(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model, max_batch_size=1)
+    blocker = await hold_instance(batcher, model)
+    low = spawn(batcher, rows(1.0), priority=0)
+    low_later = spawn(batcher, rows(2.0), priority=0)
+    high = spawn(batcher, rows(3.0), priority=5)
+    await until(lambda: batcher.queue_rows == 3)
+    model.gate.set()
+    await within(asyncio.gather(blocker, low, low_later, high))
+    assert [batch["x"][0, 0] for batch in model.batches] == [-1.0, 3.0, 1.0, 2.0]
+
+
+# -- admission, deadlines, cancellation ---------------------------------------------------------------
+
+
+async def test_a_full_queue_rejects_at_once_and_names_the_limit(make: Make) -> None:
+    model = FakeModel(held=True)
+    recorder = Recorder()
+    batcher = make(model, max_batch_size=4, max_queue_rows=4, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    queued = spawn(batcher, rows(1, 2, 3))
+    await until(lambda: batcher.queue_rows == 3)
+    with pytest.raises(QueueFullError, match=r"model 'test'.*3 rows queued.*max_queue_rows=4"):
+        await batcher.submit(rows(4, 5))
+    assert ("queue_full", 2) in recorder.named("reject")
+    model.gate.set()
+    await within(asyncio.gather(blocker, queued))
+
+
+async def test_an_expired_request_never_runs(make: Make) -> None:
+    model = FakeModel(held=True)
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    with pytest.raises(DeadlineExpiredError, match=r"model 'test': deadline expired.*in the queue"):
+        await within(batcher.submit(rows(7.0), deadline=time.monotonic() + 0.01))
+    assert batcher.queue_rows == 0
+    model.gate.set()
+    await within(blocker)
+    assert len(model.batches) == 1
+    assert ("deadline",) in recorder.named("drop")
+    assert_idle(batcher)
+
+
+async def test_a_deadline_already_past_is_refused(make: Make) -> None:
+    model = FakeModel()
+    batcher = make(model)
+    with pytest.raises(DeadlineExpiredError, match="model 'test'"):
+        await batcher.submit(rows(1.0), deadline=time.monotonic() - 1)
+    assert model.batches == []
+
+
+async def test_a_deadline_while_running_still_fails_the_caller(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model)
+    with pytest.raises(DeadlineExpiredError, match="while its batch ran"):
+        await within(batcher.submit(rows(1.0), deadline=time.monotonic() + 0.01))
+    model.gate.set()
+    await until(lambda: batcher.busy == 0)
+    assert_idle(batcher)
+
+
+async def test_a_cancelled_caller_is_never_run_and_frees_its_rows(make: Make) -> None:
+    model = FakeModel(held=True)
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    doomed = spawn(batcher, rows(1, 2))
+    await until(lambda: batcher.queue_rows == 2)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert batcher.queue_rows == 0
+    assert ("cancelled",) in recorder.named("drop")
+    model.gate.set()
+    await within(blocker)
+    assert (await within(batcher.submit(rows(5.0))))["y"].tolist() == [[10.0]]
+    assert model.sizes == [1, 1]
+    assert_idle(batcher)
+
+
+async def test_inputs_that_cannot_batch_are_refused(make: Make) -> None:
+    batcher = make(FakeModel())
+    with pytest.raises(BatchInputError, match=r"'a' has 2 rows, 'b' has 3"):
+        await batcher.submit({"a": np.zeros((2, 1)), "b": np.zeros((3, 1))})
+    with pytest.raises(BatchInputError, match="'s' is a scalar"):
+        await batcher.submit({"s": np.array(1.0)})
+    with pytest.raises(BatchInputError, match="0 rows"):
+        await batcher.submit({"x": np.zeros((0, 1))})
+    with pytest.raises(BatchInputError, match="no inputs"):
+        await batcher.submit({})
+    assert_idle(batcher)
+
+
+# -- failures ------------------------------------------------------------------------------------------
+
+
+async def test_a_failing_batch_fails_only_its_members(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = lambda inputs: bool((inputs["x"] == 0).any())
+    batcher = make(model)
+    blocker = await hold_instance(batcher, model)
+    bad = spawn(batcher, rows(0.0, width=2))
+    bad_too = spawn(batcher, rows(1.0, width=2))  # same batch as `bad`
+    good = spawn(batcher, rows(3.0))
+    await until(lambda: batcher.queue_rows == 3)
+    model.gate.set()
+    outcomes = await within(asyncio.gather(blocker, bad, bad_too, good, return_exceptions=True))
+    for failed in outcomes[1:3]:
+        assert isinstance(failed, ModelRunError)
+        assert str(failed) == "model 'test' failed: ValueError: bad batch"
+        assert isinstance(failed.__cause__, ValueError)
+    assert isinstance(outcomes[3], dict)
+    assert outcomes[3]["y"].tolist() == [[6.0]]
+    assert (await within(batcher.submit(rows(4.0))))["y"].tolist() == [[8.0]]
+    assert_idle(batcher)
+
+
+async def test_outputs_without_a_row_per_input_row_fail_every_member(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.answer = lambda inputs: {"y": inputs["x"][:1]}
+    batcher = make(model)
+    with pytest.raises(OutputMismatchError, match=r"model 'test': output 'y' has 1 rows, expected 2"):
+        model.gate.set()
+        await within(batcher.submit(rows(1, 2)))
+    model.gate.clear()
+    blocker = await hold_instance(batcher, model)
+    first = spawn(batcher, rows(1.0))
+    second = spawn(batcher, rows(2.0))
+    await until(lambda: batcher.queue_rows == 2)
+    model.gate.set()
+    outcomes = await within(asyncio.gather(blocker, first, second, return_exceptions=True))
+    assert isinstance(outcomes[0], dict)  # alone in its batch: 1 row in, 1 row out
+    assert all(isinstance(o, OutputMismatchError) and "expected 2" in str(o) for o in outcomes[1:])
+    assert_idle(batcher)
+
+
+async def test_an_output_that_is_not_an_array_is_a_mismatch(make: Make) -> None:
+    model = FakeModel()
+    model.answer = lambda inputs: {"y": 3.0}
+    batcher = make(model)
+    with pytest.raises(OutputMismatchError, match="output 'y' must be an array"):
+        await within(batcher.submit(rows(1.0)))
+
+
+# -- instances, policies, drain ------------------------------------------------------------------------
+
+
+async def test_two_instances_run_two_batches_at_once(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model, instances=2, policy="none")
+    first = spawn(batcher, rows(1.0))
+    second = spawn(batcher, rows(2.0))
+    await until(lambda: model.running == 2)
+    assert batcher.busy == 2
+    assert sorted(model.instances) == [0, 1]
+    third = spawn(batcher, rows(3.0))
+    await until(lambda: batcher.queue_rows == 1)  # both instances busy: it waits
+    model.gate.set()
+    await within(asyncio.gather(first, second, third))
+    assert model.most_running == 2
+    assert_idle(batcher)
+
+
+async def test_policy_none_runs_every_request_alone(make: Make) -> None:
+    model = FakeModel(held=True)
+    batcher = make(model, policy="none")
+    blocker = await hold_instance(batcher, model)
+    tasks = [spawn(batcher, rows(float(i))) for i in range(3)]
+    await until(lambda: batcher.queue_rows == 3)
+    model.gate.set()
+    await within(asyncio.gather(blocker, *tasks))
+    assert model.sizes == [1, 1, 1, 1]
+
+
+async def test_adaptive_runs_a_lone_request_without_waiting_for_the_delay(make: Make) -> None:
+    model = FakeModel()
+    batcher = make(model, policy="adaptive", max_delay=60.0)
+    for value in range(5):
+        result = await within(batcher.submit(rows(float(value))))
+        assert result["y"].tolist() == [[2.0 * value]]
+    assert model.sizes == [1] * 5
+    assert batcher.estimates.target_rows < 1
+
+
+async def test_drain_runs_what_is_queued_and_refuses_new_requests(make: Make) -> None:
+    model = FakeModel(held=True)
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    queued = [spawn(batcher, rows(float(i))) for i in range(3)]
+    await until(lambda: batcher.queue_rows == 3)
+    draining = asyncio.create_task(batcher.drain(5.0))
+    await asyncio.sleep(0)
+    with pytest.raises(BatcherClosedError, match="model 'test'"):
+        await batcher.submit(rows(9.0))
+    assert ("closed", 0) in recorder.named("reject")
+    model.gate.set()
+    await within(draining)
+    results = await within(asyncio.gather(blocker, *queued))
+    assert [r["y"][0, 0] for r in results] == [-2.0, 0.0, 2.0, 4.0]
+    assert_idle(batcher)
+
+
+async def test_drain_fails_what_is_left_when_grace_runs_out(make: Make) -> None:
+    model = FakeModel(held=True)  # never released
+    recorder = Recorder()
+    batcher = make(model, observer=recorder, max_batch_size=1)
+    blocker = await hold_instance(batcher, model)
+    queued = spawn(batcher, rows(1.0))
+    await until(lambda: batcher.queue_rows == 1)
+    await within(batcher.drain(0.0))
+    assert_idle(batcher)
+    for task in (blocker, queued):
+        with pytest.raises(BatcherClosedError, match="model 'test': shut down before the request"):
+            await within(task)
+    assert ("shutdown",) in recorder.named("drop")
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(rows(2.0))
+
+
+async def test_the_observer_sees_each_batch_once(make: Make) -> None:
+    model = FakeModel(held=True)
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    tasks = [spawn(batcher, rows(float(i))) for i in range(3)]
+    await until(lambda: batcher.queue_rows == 3)
+    model.gate.set()
+    await within(asyncio.gather(blocker, *tasks))
+    assert recorder.named("enqueue") == [(1, 1), (1, 1), (1, 2), (1, 3)]
+    assert recorder.named("batch") == [(1, 1, 1, 1), (3, 3, 3, 1)]
+    assert recorder.named("done") == [(1, None, 0), (3, None, 0)]
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_delay": -1.0}, "max_delay"),
+        ({"max_delay": float("inf")}, "max_delay"),
+        ({"max_batch_size": 8, "max_queue_rows": 4}, "max_queue_rows"),
+        ({"instances": 0}, "instances"),
+        ({"policy": "eager"}, "policy"),
+        ({"pad": {"x": (PadSpec(1, "seq"), PadSpec(1, "len"))}}, "axis twice"),
+        ({"crop": {"y": ((1, "seq"),)}}, "not padded"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatcherConfig(**options)
+
+
+def test_pad_axis_zero_is_the_batch() -> None:
+    with pytest.raises(ValueError, match="axis 0 is the batch"):
+        PadSpec(axis=0, dim="seq")
