@@ -6,10 +6,9 @@ import asyncio
 import re
 import sys
 
-from support import ROOT
-
 from sluice.server.app import SluiceServer
 from sluice.server.reference import BEGIN, END, render
+from support import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

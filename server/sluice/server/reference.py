@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -34,7 +35,15 @@ def _default(field: FieldInfo) -> str:
     return f"`{value}`"
 
 
-def _rows(model: type[BaseModel], prefix: str, name_of: Any) -> list[str]:
+def _key(prefix: str, name: str) -> str:
+    return f"`{prefix}{name}`"
+
+
+def _env(_prefix: str, name: str) -> str:
+    return f"`SLUICE_{name.upper()}`"
+
+
+def _rows(model: type[BaseModel], prefix: str, name_of: Callable[[str, str], str]) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         rows.append(f"| {name_of(prefix, name)} | {_default(field)} | {field.description or ''} |")
@@ -52,7 +61,7 @@ def render() -> str:
         "",
         "| variable | default | meaning |",
         "| --- | --- | --- |",
-        *_rows(ServerSettings, "", lambda _p, n: f"`SLUICE_{n.upper()}`"),
+        *_rows(ServerSettings, "", _env),
         "",
         "### Model `config.toml`",
         "",
@@ -61,15 +70,14 @@ def render() -> str:
         "| key | default | meaning |",
         "| --- | --- | --- |",
     ]
-    key = lambda p, n: f"`{p}{n}`"  # noqa: E731
     for name, field in ModelConfig.model_fields.items():
         if name not in ("batching", "execution"):
-            lines.append(f"| {key('', name)} | {_default(field)} | {field.description or ''} |")
-    lines += _rows(BatchingConfig, "batching.", key)
-    lines += _rows(ExecutionConfig, "execution.", key)
-    lines += _rows(TensorConfig, "inputs.NAME. / outputs.NAME.", key)
-    lines += _rows(PadConfig, "inputs.NAME.pad.", key)
-    lines += _rows(CropConfig, "outputs.NAME.crop.", key)
+            lines.append(f"| {_key('', name)} | {_default(field)} | {field.description or ''} |")
+    lines += _rows(BatchingConfig, "batching.", _key)
+    lines += _rows(ExecutionConfig, "execution.", _key)
+    lines += _rows(TensorConfig, "inputs.NAME. / outputs.NAME.", _key)
+    lines += _rows(PadConfig, "inputs.NAME.pad.", _key)
+    lines += _rows(CropConfig, "outputs.NAME.crop.", _key)
     lines += ["", END]
     return "\n".join(lines)
 
