@@ -1,0 +1,109 @@
+"""Batching through the real server: concurrent callers share runs, each gets exactly its own rows back."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from support import DIGITS_ONNX, add_digits, outputs, request, save, slow_model
+
+from sluice.server.app import SluiceServer
+from sluice.server.settings import ServerSettings
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+
+
+def scrape(server: SluiceServer) -> dict[str, float]:
+    """The metrics endpoint as {sample with labels: value}."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+@pytest.fixture
+async def served(repo: Path) -> AsyncIterator[SluiceServer]:
+    model = add_digits(repo)
+    # A fixed window makes batching certain whatever the machine's speed; adaptive is covered by unit tests
+    # and the benchmark.
+    (model / "config.toml").write_text('[batching]\nmax_batch_size = 64\nmax_delay_ms = 50\npolicy = "fixed"\n')
+    save(slow_model(), repo / "slow" / "1" / "model.onnx")
+    (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n")
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
+    await server.start()
+    await server.loaded()
+    yield server
+    await server.stop(0)
+
+
+async def test_concurrent_callers_are_batched_and_get_their_own_rows(served: SluiceServer) -> None:
+    rng = np.random.default_rng(7)
+    inputs = [rng.integers(0, 17, size=(1 + i % 4, 64)).astype(np.float32) for i in range(96)]
+    async with grpc.aio.insecure_channel(served.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        responses = await asyncio.gather(
+            *(stub.Predict(request("digits", id=str(i), pixels=x)) for i, x in enumerate(inputs))
+        )
+    session = ort.InferenceSession(str(DIGITS_ONNX), providers=["CPUExecutionProvider"])
+    for i, (x, response) in enumerate(zip(inputs, responses, strict=True)):
+        assert response.id == str(i)
+        label, probabilities = session.run(None, {"pixels": x})
+        got = outputs(response)
+        np.testing.assert_array_equal(got["label"], label)
+        np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
+
+    metrics = scrape(served)
+    rows = metrics['sluice_batch_rows_sum{model="digits"}']
+    batches = metrics['sluice_batch_rows_count{model="digits"}']
+    assert rows == sum(len(x) for x in inputs)
+    assert batches < len(inputs), f"{batches} batches for {len(inputs)} requests: nothing was batched"
+    assert metrics['sluice_requests_total{code="OK",method="Predict",model="digits"}'] == len(inputs)
+    assert metrics['sluice_queue_rows{model="digits"}'] == 0
+
+
+async def _until_busy(server: SluiceServer, model: str) -> None:
+    for _ in range(2000):
+        if scrape(server).get(f'sluice_instances_busy{{model="{model}"}}', 0) >= 1:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the model never became busy")
+
+
+async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceServer) -> None:
+    big = np.ones((256, 1024), np.float32)
+    async with grpc.aio.insecure_channel(served.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        running = asyncio.ensure_future(stub.Predict(request("slow", id="running", x=big)))
+        await _until_busy(served, "slow")
+        queued = asyncio.ensure_future(stub.Predict(request("slow", id="queued", x=big)))
+        # The queue holds 300 rows: 256 are waiting, so 64 more do not fit.
+        while scrape(served).get('sluice_queue_rows{model="slow"}', 0) < 256:
+            await asyncio.sleep(0.005)
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await stub.Predict(request("slow", x=big[:64]))
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue_rows=300" in (full.value.details() or "")
+
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Predict(request("slow", id="late", x=big[:1]), timeout=0.05)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        assert (await running).id == "running"
+        assert (await queued).id == "queued"
+    metrics = scrape(served)
+    # Only the two accepted requests ever ran; the late one was dropped before its batch formed.
+    assert metrics['sluice_batch_rows_sum{model="slow"}'] == 512
+    assert metrics['sluice_rejected_total{model="slow",reason="queue_full"}'] == 1
+    dropped = sum(v for k, v in metrics.items() if k.startswith('sluice_dropped_total{model="slow"'))
+    assert dropped == 1
+    assert metrics['sluice_queue_rows{model="slow"}'] == 0
+    assert metrics['sluice_instances_busy{model="slow"}'] == 0
