@@ -75,7 +75,9 @@ class Recorder:
     def on_drop(self, reason: str, queued_for: float) -> None:
         self.calls.append(("drop", (reason,)))
 
-    def on_batch(self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int) -> None:
+    def on_batch(
+        self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
+    ) -> None:
         self.calls.append(("batch", (rows, requests, len(queue_waits), busy)))
 
     def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
@@ -329,6 +331,35 @@ async def test_a_cancelled_caller_is_never_run_and_frees_its_rows(make: Make) ->
     assert_idle(batcher)
 
 
+async def test_a_caller_cancelled_as_its_batch_forms_is_not_run(make: Make) -> None:
+    model = FakeModel(held=True)
+    doomed: list[asyncio.Task[dict[str, Array]]] = []
+
+    class CancelOnDone(Recorder):
+        # Cancels the waiting caller from inside the batcher's bookkeeping, the instant before the next
+        # batch is collected, so the caller has had no chance to take its request out of the queue.
+        def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
+            super().on_batch_done(rows, run_time, error, busy)
+            if doomed:
+                doomed.pop().cancel()
+
+    recorder = CancelOnDone()
+    batcher = make(model, observer=recorder)
+    blocker = await hold_instance(batcher, model)
+    doomed.append(spawn(batcher, rows(1.0)))
+    kept = spawn(batcher, rows(2.0))
+    cancelled = doomed[0]
+    await until(lambda: batcher.queue_rows == 2)
+    model.gate.set()
+    results = await within(asyncio.gather(blocker, kept))
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert results[1]["y"].tolist() == [[4.0]]
+    assert [batch["x"][:, 0].tolist() for batch in model.batches] == [[-1.0], [2.0]]
+    assert ("cancelled",) in recorder.named("drop")
+    assert_idle(batcher)
+
+
 async def test_inputs_that_cannot_batch_are_refused(make: Make) -> None:
     batcher = make(FakeModel())
     with pytest.raises(BatchInputError, match=r"'a' has 2 rows, 'b' has 3"):
@@ -370,8 +401,8 @@ async def test_outputs_without_a_row_per_input_row_fail_every_member(make: Make)
     model = FakeModel(held=True)
     model.answer = lambda inputs: {"y": inputs["x"][:1]}
     batcher = make(model)
+    model.gate.set()
     with pytest.raises(OutputMismatchError, match=r"model 'test': output 'y' has 1 rows, expected 2"):
-        model.gate.set()
         await within(batcher.submit(rows(1, 2)))
     model.gate.clear()
     blocker = await hold_instance(batcher, model)

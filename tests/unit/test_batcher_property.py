@@ -61,7 +61,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 def inputs_of(index: int, request: Request, padded: bool) -> dict[str, Array]:
     ids = index * 100 + np.arange(request.rows, dtype=np.float64)
-    inputs = {"x": np.repeat(ids[:, None], request.width, axis=1)}
+    inputs: dict[str, Array] = {"x": np.repeat(ids[:, None], request.width, axis=1)}
     if padded:
         positions = np.arange(request.length, dtype=np.int64)
         inputs["tok"] = (ids[:, None].astype(np.int64) * 10) + positions

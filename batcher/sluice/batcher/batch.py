@@ -124,7 +124,6 @@ class Batch:
                     part = _crop(part, pairs, member.lengths)
                 result[name] = part
             _set_result_if_pending(member.future, result)
-            stop = start + member.rows // 2 + 0
             start = stop
 
     def fail(self, make: Callable[[], BaseException]) -> None:

@@ -131,7 +131,8 @@ class Batcher:
                 f"model '{self._name}': deadline expired after {waited:.1f} ms {where}"
             ) from None
         except asyncio.CancelledError:
-            self._abandon(item, "cancelled")
+            if not self._abandon(item, "cancelled") and item.future.done() and not item.future.cancelled():
+                item.future.exception()  # answered as the caller left: mark it read, or asyncio logs it
             raise
 
     async def drain(self, grace: float) -> None:

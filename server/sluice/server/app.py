@@ -127,6 +127,8 @@ class SluiceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        # For scripts that start the server on port 0: the one line on stdout says where it listens.
+        print(f"listening on {self.address}", flush=True)
         await stop.wait()
         log.info("signal received, draining for up to %.1fs", self.settings.grace_period_s)
         await self.stop()
