@@ -11,11 +11,11 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support import DIGITS_ONNX, add_digits, outputs, request, save, slow_model
 
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import DIGITS_ONNX, add_digits, outputs, request, save, slow_model
 
 
 def scrape(server: SluiceServer) -> dict[str, float]:
@@ -35,7 +35,9 @@ async def served(repo: Path) -> AsyncIterator[SluiceServer]:
     model = add_digits(repo)
     # A fixed window makes batching certain whatever the machine's speed; adaptive is covered by unit tests
     # and the benchmark.
-    (model / "config.toml").write_text('[batching]\nmax_batch_size = 64\nmax_delay_ms = 50\npolicy = "fixed"\n')
+    (model / "config.toml").write_text(
+        '[batching]\nmax_batch_size = 64\nmax_delay_ms = 50\npolicy = "fixed"\n'
+    )
     save(slow_model(), repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n")
     server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
@@ -70,12 +72,14 @@ async def test_concurrent_callers_are_batched_and_get_their_own_rows(served: Slu
     assert metrics['sluice_queue_rows{model="digits"}'] == 0
 
 
-async def _until_busy(server: SluiceServer, model: str) -> None:
+async def _until(server: SluiceServer, sample: str, at_least: float) -> None:
+    """Polls the metrics endpoint (another thread's view, so there is no event to await) until a sample
+    reaches a value."""
     for _ in range(2000):
-        if scrape(server).get(f'sluice_instances_busy{{model="{model}"}}', 0) >= 1:
+        if scrape(server).get(sample, 0) >= at_least:
             return
         await asyncio.sleep(0.005)
-    raise AssertionError("the model never became busy")
+    raise AssertionError(f"{sample} never reached {at_least}")
 
 
 async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceServer) -> None:
@@ -83,11 +87,10 @@ async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceSer
     async with grpc.aio.insecure_channel(served.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         running = asyncio.ensure_future(stub.Predict(request("slow", id="running", x=big)))
-        await _until_busy(served, "slow")
+        await _until(served, 'sluice_instances_busy{model="slow"}', 1)
         queued = asyncio.ensure_future(stub.Predict(request("slow", id="queued", x=big)))
         # The queue holds 300 rows: 256 are waiting, so 64 more do not fit.
-        while scrape(served).get('sluice_queue_rows{model="slow"}', 0) < 256:
-            await asyncio.sleep(0.005)
+        await _until(served, 'sluice_queue_rows{model="slow"}', 256)
         with pytest.raises(grpc.aio.AioRpcError) as full:
             await stub.Predict(request("slow", x=big[:64]))
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -15,9 +15,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def test_configuration_reference_is_current() -> None:
     start, end = README.index(BEGIN), README.index(END) + len(END)
-    assert README[start:end] == render(), (
-        "run `python -m sluice.server.reference` and paste it into README.md"
-    )
+    assert README[start:end] == render(), "run `python -m sluice.server.reference --write README.md`"
 
 
 async def test_readme_python_example_prints_the_predicted_digit(server: SluiceServer) -> None:

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -43,20 +44,31 @@ class Batcher:
     """Batches the requests of one model and runs them on `config.instances` concurrent instances."""
 
     def __init__(
-        self, run: RunFn, config: BatcherConfig, *, name: str = "model", observer: BatchObserver | None = None
+        self,
+        run: RunFn,
+        config: BatcherConfig,
+        *,
+        name: str = "model",
+        observer: BatchObserver | None = None,
+        pressure: Callable[[], float] | None = None,
     ) -> None:
+        """`pressure`, when given, returns the busy fraction (0..1) of the event loop the batcher runs on;
+        the adaptive policy batches harder while it is saturated. It is called on the loop's thread."""
         self._run = run
         self._config = config
         self._name = name
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         self._load = LoadModel()
-        self._policy = make_policy(config, self._load)
+        self._policy = make_policy(config, self._load, pressure)
         self._pad = config.pad
         self._crop = config.crop
         self._queue = PendingQueue()
         self._seq = itertools.count()
         self._free = list(range(config.instances - 1, -1, -1))  # instance indexes; pop() gives 0 first
         self._tasks: set[asyncio.Task[None]] = set()
+        # Callers running their own single-request batch (see _answer), and those drain() cut short.
+        self._callers_running: dict[asyncio.Task[Any], Pending] = {}
+        self._aborted: set[Pending] = set()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
         # Admissions wake the dispatcher only once the queue reaches this many rows: under saturation
@@ -117,12 +129,12 @@ class Batcher:
         item = self._admit(inputs, priority, deadline)
         try:
             if deadline is None:
-                return await item.future
+                return await self._answer(item)
             async with asyncio.timeout(deadline - time.monotonic()):
-                return await item.future
+                return await self._answer(item)
         except TimeoutError:
             future = item.future
-            if future.done() and not future.cancelled():
+            if future.done() and not future.cancelled() and future.exception() is None:
                 return future.result()  # answered in the same instant the deadline fired: keep the answer
             queued = self._abandon(item, "deadline") or item.state == DROPPED
             where = "in the queue" if queued else "while its batch ran (the result is discarded)"
@@ -131,9 +143,44 @@ class Batcher:
                 f"model '{self._name}': deadline expired after {waited:.1f} ms {where}"
             ) from None
         except asyncio.CancelledError:
+            if item in self._aborted:
+                # drain() cancelled this caller's own run when the grace ran out: a shutdown, not a caller
+                # leaving, so the caller hears it as one.
+                self._aborted.discard(item)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                item.future.exception()
+                raise BatcherClosedError(
+                    f"model '{self._name}': shut down before the request finished (drain grace ran out)"
+                ) from None
             if not self._abandon(item, "cancelled") and item.future.done() and not item.future.cancelled():
                 item.future.exception()  # answered as the caller left: mark it read, or asyncio logs it
             raise
+
+    async def _answer(self, item: Pending) -> dict[str, Array]:
+        queue = self._queue
+        if (
+            self._free
+            and queue.rows == item.rows  # nothing else queued: the dispatcher is not gathering a batch
+            and not self._closing
+            and self._policy.plan(item.rows, 0.0, item.arrival)[0] <= 0
+        ):
+            # The policy would run this request alone, at once: run it in the caller's own task, which
+            # saves the dispatcher's turn of the event loop and a task. Only this caller is in the batch,
+            # so only this caller is affected if it is cancelled.
+            batch = Batch(queue.take(item.key, item.rows, 1))
+            self._policy.dispatched(item.rows, item.rows, 0.0)
+            task = asyncio.current_task()
+            assert task is not None
+            self._callers_running[task] = item
+            try:
+                await self._run_batch(batch, self._start(batch))
+            finally:
+                del self._callers_running[task]
+        elif queue.rows >= self._wake_rows:
+            self._wakeup.set()
+        return await item.future
 
     async def drain(self, grace: float) -> None:
         """Stops admitting, runs what is queued and in flight for up to `grace` seconds, fails the rest.
@@ -162,6 +209,10 @@ class Batcher:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()  # members fail with BatcherClosedError in _run_batch
+        for task, item in list(self._callers_running.items()):
+            self._aborted.add(item)
+            task.cancel()
+            tasks.append(task)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             tasks.append(self._dispatcher)
@@ -205,8 +256,6 @@ class Batcher:
         queue.push(item)
         self._load.on_arrival(rows, now)
         self._observer.on_enqueue(rows, queue.rows)
-        if queue.rows >= self._wake_rows:
-            self._wakeup.set()
         return item
 
     def _describe(self, inputs: Arrays) -> tuple[int, GroupKey, Mapping[str, int]]:
@@ -341,11 +390,16 @@ class Batcher:
             self._check_idle()
             return
         assert self._loop is not None
-        instance = self._free.pop()
-        self._in_flight += batch.rows
+        self._policy.dispatched(batch.rows, head.rows, time.monotonic() - head.arrival)
+        instance = self._start(batch)
         task = self._loop.create_task(self._run_batch(batch, instance))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start(self, batch: Batch) -> int:
+        """Claims a free instance for `batch`; returns its index."""
+        instance = self._free.pop()
+        self._in_flight += batch.rows
         now = time.monotonic()
         self._observer.on_batch(
             batch.rows,
@@ -354,6 +408,7 @@ class Batcher:
             self._queue.rows,
             self.busy,
         )
+        return instance
 
     async def _run_batch(self, batch: Batch, instance: int) -> None:
         """Runs one batch on `instance` and answers its members; a failure fails only them."""

@@ -9,11 +9,19 @@ instances stay below a target utilisation at the measured load (see docs/batchin
     b* = lambda * alpha / (k * u - lambda * beta)  (max_batch_size when the denominator <= 0)
 
 At light load b* <= 1 and every request runs at once; as load grows batches grow towards the maximum.
+
+The model is not the only thing a batch costs: collecting, splitting and answering it costs the event loop
+too, and the loop also carries every request's gRPC work. When the loop itself is saturated (`pressure`,
+its busy fraction, is at least LOOP_SATURATED), each batch saved is throughput gained, so the policy
+waits for company up to max_delay even when the model is idle. A wait that brings no company (a lone
+caller whose next request cannot come before this one is answered) is not repeated for the next 2, 4, 8 ...
+batches, so a single busy caller almost never waits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sluice.batcher.config import BatcherConfig
@@ -24,6 +32,10 @@ RATE_HORIZON = 0.5
 """Seconds over which the arrival rate is averaged (time constant of the decay)."""
 FIT_DECAY = 0.95
 """Weight kept by older run-time samples per new one (about the last 20 batches count)."""
+LOOP_SATURATED = 0.6
+"""Busy fraction of the event loop above which per-batch costs limit throughput."""
+MAX_BACKOFF = 1024
+"""Most batches dispatched at once after fruitless waits, before waiting is tried again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +102,15 @@ class Policy:
     single_request = False
     """True when each batch holds exactly one request."""
 
-    def __init__(self, config: BatcherConfig, load: LoadModel) -> None:
+    def __init__(self, config: BatcherConfig, load: LoadModel, pressure: Callable[[], float] | None) -> None:
         self.max_rows = config.max_batch_size
         self.max_delay = config.max_delay
         self.instances = config.instances
         self.load = load
+        self.pressure = pressure
+
+    def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
+        """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited."""
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         """(seconds to keep waiting, compatible rows that would end the wait); <= 0 seconds: dispatch now."""
@@ -136,10 +152,32 @@ class FixedPolicy(Policy):
 class AdaptivePolicy(Policy):
     """Waits only when the expected company arrives within max_delay and is needed to keep up."""
 
+    def __init__(self, config: BatcherConfig, load: LoadModel, pressure: Callable[[], float] | None) -> None:
+        super().__init__(config, load, pressure)
+        self._skip = 0  # batches still to dispatch at once after a fruitless wait
+        self._backoff = 1
+        self._waiting_for_loop = False
+
+    def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
+        if self._skip:
+            self._skip -= 1
+        elif self._waiting_for_loop:
+            if rows > head_rows:
+                self._backoff = 1
+            else:
+                self._skip = self._backoff
+                self._backoff = min(2 * self._backoff, MAX_BACKOFF)
+        self._waiting_for_loop = False
+
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
+        if left <= 0 or queued >= self.max_rows:
+            return 0.0, 0
+        if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
+            self._waiting_for_loop = True
+            return left, self.max_rows
         target = self.target_rows(now)
-        if left <= 0 or queued >= target:
+        if queued >= target:
             return 0.0, 0
         rate = self.load.rate(now)
         if rate <= 0 or (target - queued) / rate > left:
@@ -147,6 +185,8 @@ class AdaptivePolicy(Policy):
         return left, math.ceil(target)
 
 
-def make_policy(config: BatcherConfig, load: LoadModel) -> Policy:
+def make_policy(
+    config: BatcherConfig, load: LoadModel, pressure: Callable[[], float] | None = None
+) -> Policy:
     kinds: dict[str, type[Policy]] = {"adaptive": AdaptivePolicy, "fixed": FixedPolicy, "none": NoBatching}
-    return kinds[config.policy](config, load)
+    return kinds[config.policy](config, load, pressure)

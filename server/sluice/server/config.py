@@ -93,6 +93,13 @@ class ExecutionConfig(_Frozen):
         default=0, ge=0, description="Threads per session; 0 shares the server's inference_threads."
     )
     cuda_device: int = Field(default=0, ge=0, description="CUDA device id when running on CUDA.")
+    inline_max_us: float | None = Field(
+        default=None,
+        ge=0,
+        description="Batches predicted to run faster than this many µs run on the event loop, where handing "
+        "them to a worker thread would cost more than the run; unset: the measured cost of that hand-off; "
+        "0: always a worker thread.",
+    )
 
 
 class ModelConfig(_Frozen):

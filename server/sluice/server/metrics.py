@@ -1,112 +1,181 @@
-"""Prometheus metrics: one registry per server (no globals), and the batcher's observer built on it."""
+"""Prometheus metrics, kept cheap: plain counters and bucket arrays updated on the event loop, turned into
+Prometheus families only when /metrics is scraped.
+
+prometheus_client's own Counter and Histogram take a lock and several calls per update (several µs), paid
+per request; these cost one list index and an add. One registry per server, no globals.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 
 
-class Metrics:
-    """Every metric the server exports, registered in a registry of its own."""
+class Histogram:
+    """Bucket counts and a sum; `observe` is O(log buckets) with no lock (one writer: the event loop)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        counts = self.counts[:]  # one snapshot, so the buckets and the count agree
+        total = 0.0
+        buckets = []
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        return buckets, self.sum
+
+
+class Gauged(Protocol):
+    """What the queue-depth and busy gauges read from a scheduler."""
+
+    @property
+    def queue_rows(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+
+class ModelMetrics:
+    """Everything measured about one model; its observer methods are what the batcher calls."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "sluice_requests", "Requests answered, by model, method and gRPC status code.",
-            ["model", "method", "code"], registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "sluice_request_duration_seconds", "End-to-end time from request decoded to response built.",
-            ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "sluice_queue_wait_seconds", "Time a request waited in the batcher's queue before its batch ran.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.run_time = Histogram(
-            "sluice_run_duration_seconds", "Time one batch took to run on the model.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_rows = Histogram(
-            "sluice_batch_rows", "Rows per batch run.", ["model"], buckets=_ROW_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_requests = Histogram(
-            "sluice_batch_requests", "Requests per batch run.", ["model"], buckets=_ROW_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_rows = Gauge("sluice_queue_rows", "Rows waiting in the queue.", ["model"], registry=r)
-        self.busy = Gauge("sluice_instances_busy", "Model instances running a batch.", ["model"], registry=r)
-        self.rejected = Counter(
-            "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
-        self.dropped = Counter(
-            "sluice_dropped", "Queued requests never run, by reason (deadline, cancelled, shutdown).",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
-        self.batch_errors = Counter(
-            "sluice_batch_errors", "Batches whose run failed.", ["model"], registry=r,
-        )  # fmt: skip
-        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self.queue_wait = Histogram(LATENCY_BUCKETS)
+        self.run_time = Histogram(LATENCY_BUCKETS)
+        self.batch_rows = Histogram(ROW_BUCKETS)
+        self.batch_requests = Histogram(ROW_BUCKETS)
+        self.rejected: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.batch_errors = 0
+        self.schedulers: list[Gauged] = []  # every loaded version's; read when scraped
 
-    def count_request(self, model: str, method: str, code: str) -> None:
-        """Counts one answered request; label children are cached because this runs per request."""
+    # The BatchObserver protocol of sluice.batcher.
+
+    def on_enqueue(self, rows: int, queue_rows: int) -> None:
+        pass  # the queue depth is read from the scheduler when scraped
+
+    def on_reject(self, reason: str, rows: int) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def on_drop(self, reason: str, queued_for: float) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def on_batch(
+        self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
+    ) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+        observe = self.queue_wait.observe
+        for wait in queue_waits:
+            observe(wait)
+
+    def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
+        self.run_time.observe(run_time)
+        if error is not None:
+            self.batch_errors += 1
+
+
+class Metrics(Collector):
+    """All of a server's metrics, registered in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelMetrics] = {}
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def model(self, name: str) -> ModelMetrics:
+        found = self.models.get(name)
+        if found is None:
+            found = self.models[name] = ModelMetrics()
+        return found
+
+    def count_request(self, model: str, method: str, code: str, seconds: float) -> None:
+        """Counts one answered request and its end-to-end time."""
         key = (model, method, code)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(model, method, code)
-        child.inc()
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        latency = self.latency.get((model, method))
+        if latency is None:
+            latency = self.latency[(model, method)] = Histogram(LATENCY_BUCKETS)
+        latency.observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sluice_requests", "Requests answered, by model, method and gRPC status code.",
+            labels=["model", "method", "code"],
+        )  # fmt: skip
+        for (model, method, code), count in list(self.requests.items()):
+            requests.add_metric([model, method, code], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "sluice_request_duration_seconds", "End-to-end time of a request inside the server.",
+            labels=["model", "method"],
+        )  # fmt: skip
+        for (model, method), hist in list(self.latency.items()):
+            buckets, total = hist.cumulative()
+            latency.add_metric([model, method], buckets, total)
+        yield latency
+        models = list(self.models.items())
+        for attr, name, doc in (
+            (
+                "queue_wait",
+                "sluice_queue_wait_seconds",
+                "Time a request waited in the queue before its batch ran.",
+            ),
+            ("run_time", "sluice_run_duration_seconds", "Time one batch took to run on the model."),
+            ("batch_rows", "sluice_batch_rows", "Rows per batch run."),
+            ("batch_requests", "sluice_batch_requests", "Requests per batch run."),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["model"])
+            for model, m in models:
+                buckets, total = getattr(m, attr).cumulative()
+                family.add_metric([model], buckets, total)
+            yield family
+        queue = GaugeMetricFamily("sluice_queue_rows", "Rows waiting in the queue.", labels=["model"])
+        busy = GaugeMetricFamily(
+            "sluice_instances_busy", "Model instances running a batch.", labels=["model"]
+        )
+        errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=["model"])
+        rejected = CounterMetricFamily(
+            "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
+            labels=["model", "reason"],
+        )  # fmt: skip
+        dropped = CounterMetricFamily(
+            "sluice_dropped", "Queued requests never run, by reason (deadline, cancelled, shutdown).",
+            labels=["model", "reason"],
+        )  # fmt: skip
+        for model, m in models:
+            queue.add_metric([model], sum(s.queue_rows for s in m.schedulers))
+            busy.add_metric([model], sum(s.busy for s in m.schedulers))
+            errors.add_metric([model], m.batch_errors)
+            for reason, count in list(m.rejected.items()):
+                rejected.add_metric([model, reason], count)
+            for reason, count in list(m.dropped.items()):
+                dropped.add_metric([model, reason], count)
+        yield from (queue, busy, errors, rejected, dropped)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
-
-
-class ModelObserver:
-    """The batcher's observer for one model: label children bound once, so each event is a few adds."""
-
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._queue_wait = metrics.queue_wait.labels(model)
-        self._run_time = metrics.run_time.labels(model)
-        self._batch_rows = metrics.batch_rows.labels(model)
-        self._batch_requests = metrics.batch_requests.labels(model)
-        self._queue_rows = metrics.queue_rows.labels(model)
-        self._busy = metrics.busy.labels(model)
-        self._rejected = metrics.rejected
-        self._dropped = metrics.dropped
-        self._errors = metrics.batch_errors.labels(model)
-        self._model = model
-
-    def on_enqueue(self, rows: int, queue_rows: int) -> None:
-        self._queue_rows.set(queue_rows)
-
-    def on_reject(self, reason: str, rows: int) -> None:
-        self._rejected.labels(self._model, reason).inc()
-
-    def on_drop(self, reason: str, queued_for: float) -> None:
-        self._dropped.labels(self._model, reason).inc()
-
-    def on_batch(
-        self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
-    ) -> None:
-        self._batch_rows.observe(rows)
-        self._batch_requests.observe(requests)
-        observe = self._queue_wait.observe
-        for wait in queue_waits:
-            observe(wait)
-        self._queue_rows.set(queue_rows)
-        self._busy.set(busy)
-
-    def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
-        self._run_time.observe(run_time)
-        self._busy.set(busy)
-        if error is not None:
-            self._errors.inc()

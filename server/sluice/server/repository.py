@@ -14,10 +14,10 @@ from pathlib import Path
 
 from sluice.server.config import ConfigError, ModelConfig, load_config
 from sluice.server.errors import not_found, unavailable
-from sluice.server.metrics import Metrics, ModelObserver
+from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.runtime import LoadError, OnnxModel, threads_per_session
-from sluice.server.scheduling import ModelRunner, make_scheduler
+from sluice.server.scheduling import LoopLoad, ModelRunner, make_scheduler, measure_thread_hop
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -88,6 +88,8 @@ class ModelRepository:
         self._default: dict[str, Servable] = {}
         self._pinned: dict[tuple[str, int], Servable] = {}
         self.loaded = False
+        self.thread_hop = 0.0
+        self.loop_load = LoopLoad()
 
     def scan(self) -> None:
         """Finds model directories and versions and validates configs; loads nothing yet."""
@@ -138,6 +140,9 @@ class ModelRepository:
             if e.config is not None
         )
         threads = threads_per_session(self.inference_threads, sessions)
+        self.thread_hop = await measure_thread_hop()
+        log.info("thread hand-off costs %.0f µs here: batches predicted faster run on the event loop",
+                 self.thread_hop * 1e6)  # fmt: skip
         jobs = [
             self._load_version(entry, version, threads)
             for entry in self.models.values()
@@ -164,6 +169,7 @@ class ModelRepository:
             log.exception("model %s version %d failed to load", entry.name, version.version)
             return
         servable.scheduler.start()
+        self.metrics.model(entry.name).schedulers.append(servable.scheduler)
         version.servable = servable
         version.state = pb.MODEL_STATE_READY
         self._pinned[(entry.name, version.version)] = servable
@@ -180,8 +186,10 @@ class ModelRepository:
 
     def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
         model = OnnxModel(name, version.version, version.path, config, threads)
-        runner = ModelRunner(model)
-        scheduler = make_scheduler(runner, ModelObserver(self.metrics, name))
+        inline = config.execution.inline_max_us
+        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
+        metrics = self.metrics.model(name)
+        scheduler = make_scheduler(runner, metrics, self.loop_load)
         servable = Servable(model, runner, scheduler, self.max_bytes)
         try:
             servable.warm_up()

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from sluice.server.config import ModelConfig
-from sluice.server.tensors import format_shape, type_name
+from sluice.server.tensors import format_shape, numpy_dtype, type_name
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -49,6 +49,23 @@ class TensorSpec:
     graph_name: str
     datatype: int
     shape: tuple[int, ...]
+    dtype: np.dtype[np.generic] | None = field(init=False)
+    """numpy dtype of a numeric tensor; None for STRING."""
+    _fixed: tuple[tuple[int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        dtype = None if self.datatype == pb.DATA_TYPE_STRING else numpy_dtype(self.datatype)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "_fixed", tuple((i, d) for i, d in enumerate(self.shape) if d != -1))
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of `shape` fits: same rank, and every fixed dimension matches."""
+        if len(shape) != len(self.shape):
+            return False
+        for axis, size in self._fixed:  # noqa: SIM110 (a plain loop: this runs per request, all() is slower)
+            if shape[axis] != size:
+                return False
+        return True
 
     def describe(self) -> str:
         return f"{type_name(self.datatype)} {format_shape(self.shape)}"

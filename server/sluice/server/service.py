@@ -36,7 +36,6 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.repository = repository
         self.metrics = metrics
         self.phase = Phase.STARTING
-        self._latency: dict[tuple[str, str], Any] = {}
 
     async def Predict(  # noqa: N802
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -130,9 +129,4 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _count(self, request: pb.PredictRequest, method: str, code: str, started: float) -> None:
         # Unknown model names are not used as labels: a caller must not be able to grow the metrics.
         model = request.model if request.model in self.repository.models else ""
-        self.metrics.count_request(model, method, code)
-        key = (model, method)
-        child = self._latency.get(key)
-        if child is None:
-            child = self._latency[key] = self.metrics.latency.labels(model, method)
-        child.observe(time.monotonic() - started)
+        self.metrics.count_request(model, method, code, time.monotonic() - started)

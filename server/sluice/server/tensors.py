@@ -44,8 +44,14 @@ def type_name(datatype: DataType) -> str:
         return f"unknown datatype {datatype}"
 
 
+_BY_DTYPE: dict[np.dtype[np.generic], int] = {d: t for t, d in _NUMERIC.items()}
+
+
 def datatype_of(array: npt.NDArray[np.generic]) -> DataType:
     """Wire data type of a numpy array; strings and bytes (object, U or S arrays) are STRING."""
+    found = _BY_DTYPE.get(array.dtype)
+    if found is not None:
+        return found
     kind = array.dtype.kind
     if kind in "OUS":
         return pb.DATA_TYPE_STRING
