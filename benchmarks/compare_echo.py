@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--server-cmd", required=True, help="command line that starts the server to measure")
+    parser.add_argument(
+        "--echo-uvloop", action="store_true", help="run the echo server on uvloop instead of asyncio's loop"
+    )
     parser.add_argument("--server-port", type=int, help="port the server listens on, if it does not print it")
     parser.add_argument("--model", default="digits")
     parser.add_argument(
@@ -119,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     env_note = "" if "PYTHONPATH" in os.environ else " (set PYTHONPATH=proto if sluice is not installed)"
-    echo_cmd = [sys.executable, str(HERE / "echo_server.py"), "--port", "0"]
+    echo_cmd = [
+        sys.executable,
+        str(HERE / "echo_server.py"),
+        "--port",
+        "0",
+        *(["--uvloop"] if args.echo_uvloop else []),
+    ]
     server_cmd = shlex.split(args.server_cmd)
     rounds: list[dict[str, Any]] = []
     with (

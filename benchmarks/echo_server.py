@@ -127,9 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC core's limit on calls queued before the servicer takes them "
         "(default: gRPC's own, about 1000); beyond it clients see CANCELLED",
     )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run on uvloop instead of asyncio's own loop (to compare with a Sluice that uses uvloop)",
+    )
     args = parser.parse_args(argv)
     inputs = args.inputs or [parse_spec("pixels:FP32:-1x64")]
-    asyncio.run(serve(args.port, inputs, args.max_message_mb, args.max_pending_requests))
+    coro = serve(args.port, inputs, args.max_message_mb, args.max_pending_requests)
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
     return 0
 
 

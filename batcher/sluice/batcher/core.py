@@ -170,12 +170,11 @@ class Batcher:
             # saves the dispatcher's turn of the event loop and a task. Only this caller is in the batch,
             # so only this caller is affected if it is cancelled.
             batch = Batch(queue.take(item.key, item.rows, 1))
-            self._policy.dispatched(item.rows, item.rows, 0.0)
             task = asyncio.current_task()
             assert task is not None
             self._callers_running[task] = item
             try:
-                await self._run_batch(batch, self._start(batch))
+                await self._run_batch(batch, self._start(batch, item))
             finally:
                 del self._callers_running[task]
         elif queue.rows >= self._wake_rows:
@@ -343,7 +342,14 @@ class Batcher:
                     self._wake_rows = queue.rows + enough - queued
                     await self._wait(wait)
                     continue
-            self._collect_and_run(head)
+            batch = self._collect(head)
+            if batch is None:
+                self._check_idle()
+            elif self._config.instances == 1:
+                # No other batch could start before this one ends, so run it here: no task, no wakeup.
+                await self._run_batch(batch, self._start(batch, head))
+            else:
+                self._spawn(batch, head)
 
     async def _wait(self, limit: float | None = None) -> None:
         # Cleared only here, right before sleeping: the caller checked the state with no await since,
@@ -352,9 +358,12 @@ class Batcher:
         if limit is None:
             await self._wakeup.wait()
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(limit):
-                await self._wakeup.wait()
+        assert self._loop is not None
+        timer = self._loop.call_later(limit, self._wakeup.set)  # cheaper than asyncio.timeout
+        try:
+            await self._wakeup.wait()
+        finally:
+            timer.cancel()
 
     def _collect(self, head: Pending) -> Batch | None:
         """Takes the next batch out of the queue: `head`'s group, priority then arrival, while it fits."""
@@ -384,23 +393,19 @@ class Batcher:
             members = live
         return Batch(members) if members else None
 
-    def _collect_and_run(self, head: Pending) -> None:
-        batch = self._collect(head)
-        if batch is None:
-            self._check_idle()
-            return
+    def _spawn(self, batch: Batch, head: Pending) -> None:
+        """Runs `batch` in a task of its own, so the next batch can form and start meanwhile."""
         assert self._loop is not None
-        self._policy.dispatched(batch.rows, head.rows, time.monotonic() - head.arrival)
-        instance = self._start(batch)
-        task = self._loop.create_task(self._run_batch(batch, instance))
+        task = self._loop.create_task(self._run_batch(batch, self._start(batch, head)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _start(self, batch: Batch) -> int:
-        """Claims a free instance for `batch`; returns its index."""
+    def _start(self, batch: Batch, head: Pending) -> int:
+        """Claims a free instance for `batch`, built around `head`; returns the instance's index."""
+        now = time.monotonic()
+        self._policy.dispatched(batch.rows, head.rows, now - head.arrival)
         instance = self._free.pop()
         self._in_flight += batch.rows
-        now = time.monotonic()
         self._observer.on_batch(
             batch.rows,
             len(batch.members),
@@ -442,7 +447,11 @@ class Batcher:
         finally:
             self._in_flight -= batch.rows
             self._free.append(instance)
-            self._wakeup.set()
+            if self._wake_rows == sys.maxsize:
+                # The dispatcher sleeps until an instance frees up: this one did.
+                self._wake_rows = 1
+                if self._queue.rows:
+                    self._wakeup.set()
             self._observer.on_batch_done(batch.rows, run_time, error, self.busy)
             self._check_idle()
 

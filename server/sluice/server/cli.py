@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ def _serve_parser(sub: Any) -> None:
     flag("max_message_bytes", type=int, metavar="BYTES")
     flag("grace_period_s", type=float, metavar="SECONDS")
     flag("inference_threads", type=int, metavar="N")
+    flag("event_loop", choices=["auto", "uvloop", "asyncio"])
     flag("log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     flag("log_format", choices=["text", "json"])
     p.set_defaults(handler=_serve)
@@ -65,11 +66,25 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     server = SluiceServer(settings)
     try:
-        asyncio.run(server.serve())
+        run(server.serve(), settings.event_loop)
     except (FileNotFoundError, OSError) as exc:
         print(f"sluice serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Runs the server's coroutine on the chosen event loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise SystemExit("sluice serve: event_loop = 'uvloop' but uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
