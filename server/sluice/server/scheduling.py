@@ -75,8 +75,10 @@ class ModelRunner:
     worker thread. But handing a batch to a thread and back costs the loop tens to hundreds of µs (about
     175 µs on a small cloud VM): for a model that runs in 20 µs that is most of the work. So a batch whose
     predicted run time is under `inline_limit` runs on the event loop itself, which then never waits on a
-    run longer than a thread hop would have cost it. The prediction is a line, fixed + per_row * rows, fitted
-    at load and kept current by every run.
+    run longer than a thread hop would have cost it. The prediction is a line in the number of input
+    elements, fitted at load (one row, then a full batch). It is not refitted from live runs: under CPU
+    contention their wall times grow, and a batch pushed to a thread by that would then wait for the GIL
+    behind the busy loop and grow slower still.
     """
 
     def __init__(self, model: OnnxModel, inline_limit: float) -> None:
@@ -85,36 +87,40 @@ class ModelRunner:
         self.executor = ThreadPoolExecutor(
             max_workers=len(model.sessions), thread_name_prefix=f"sluice-{model.name}-{model.version}"
         )
-        self._batching = model.max_batch_size > 0
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
-        self._per_row = 0.0
+        self._per_element = 0.0
 
     def calibrate(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Measures run time at one row and at the batch limit; `feeds` holds one row per input."""
         one = _median_run(self.model, feeds)
-        if self._batching and self.model.max_batch_size > 1:
-            rows = self.model.max_batch_size
+        elements = _elements(feeds)
+        rows = self.model.max_batch_size
+        if rows > 1:
             full = {name: np.repeat(array, rows, axis=0) for name, array in feeds.items()}
-            self._per_row = max(0.0, (_median_run(self.model, full) - one) / (rows - 1))
-        self._fixed = max(0.0, one - self._per_row)
+            more = _elements(full) - elements
+            if more > 0:
+                self._per_element = max(0.0, (_median_run(self.model, full) - one) / more)
+        self._fixed = max(0.0, one - self._per_element * elements)
+
+    def predicted(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> float:
+        """Expected seconds to run `feeds`."""
+        return self._fixed + self._per_element * _elements(feeds)
 
     async def run(self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]) -> Arrays:
-        rows = next(iter(feeds.values())).shape[0] if self._batching else 1
-        if self._fixed + self._per_row * rows <= self.inline_limit:
-            return self._timed_run(instance, feeds, rows)
+        if self.predicted(feeds) <= self.inline_limit:
+            return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._timed_run, instance, feeds, rows)
-
-    def _timed_run(self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]], rows: int) -> Arrays:
-        started = time.perf_counter()
-        outputs = self.model.run(instance, feeds)
-        took = time.perf_counter() - started
-        # Follow slow drifts (contention, clocks) of the fixed part; one float store, safe from any thread.
-        self._fixed += 0.05 * (took - self._per_row * rows - self._fixed)
-        return outputs
+        return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _elements(feeds: Mapping[str, npt.NDArray[np.generic]]) -> int:
+    total = 0
+    for array in feeds.values():
+        total += array.size
+    return total
 
 
 def _median_run(model: OnnxModel, feeds: Mapping[str, npt.NDArray[np.generic]], repeats: int = 7) -> float:
