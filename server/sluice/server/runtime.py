@@ -160,6 +160,8 @@ class OnnxModel:
                 )
             except Exception as exc:  # ONNX Runtime raises several unrelated types for a bad file.
                 raise LoadError(f"{path}: not a valid ONNX model: {_first_line(exc)}") from None
+            # A provider failing at run time must fail the batch, not silently move the model to CPU.
+            session.disable_fallback()
             self.sessions.append(session)
         self.providers: list[str] = list(self.sessions[0].get_providers())
         if execution.providers == "cuda" and "CUDAExecutionProvider" not in self.providers:
@@ -168,15 +170,19 @@ class OnnxModel:
         self.outputs = _specs(self.sessions[0].get_outputs(), config, "outputs", path)
         self.max_batch_size = _batch_size(self, config)
         self.threads = options.intra_op_num_threads
+        self._renamed_inputs = any(s.name != s.graph_name for s in self.inputs)
+        self._graph_outputs = [s.graph_name for s in self.outputs]
+        self._output_names = [s.name for s in self.outputs]
 
     def run(
         self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> dict[str, npt.NDArray[np.generic]]:
         """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
         session = self.sessions[instance]
-        graph_feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
-        results = session.run(None, graph_feeds)
-        return {spec.name: value for spec, value in zip(self.outputs, results, strict=True)}
+        if self._renamed_inputs:
+            feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
+        results = session.run(self._graph_outputs, feeds)
+        return dict(zip(self._output_names, results, strict=True))
 
     def describe(self) -> str:
         inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)
