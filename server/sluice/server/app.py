@@ -129,6 +129,8 @@ class SluiceServer:
         await self.start()
         # For scripts that start the server on port 0: the one line on stdout says where it listens.
         print(f"listening on {self.address}", flush=True)
+        if self.metrics_port is not None:
+            print(f"metrics on http://{self.settings.metrics_host}:{self.metrics_port}/metrics", flush=True)
         await stop.wait()
         log.info("signal received, draining for up to %.1fs", self.settings.grace_period_s)
         await self.stop()
