@@ -97,14 +97,29 @@ def loadgen(
         processes = 1 if concurrency == 1 else args.processes
         subprocess.run(
             [
-                sys.executable, str(HERE / "loadgen.py"), "--target", f"127.0.0.1:{port}", "--model", model,
-                "--concurrency", str(concurrency), "--processes", str(processes), "--duration",
-                str(args.duration), "--warmup", str(args.warmup), "--no-progress", "--metrics-url",
-                f"http://127.0.0.1:{metrics}/metrics", "--json", out.name,
+                sys.executable,
+                str(HERE / "loadgen.py"),
+                "--target",
+                f"127.0.0.1:{port}",
+                "--model",
+                model,
+                "--concurrency",
+                str(concurrency),
+                "--processes",
+                str(processes),
+                "--duration",
+                str(args.duration),
+                "--warmup",
+                str(args.warmup),
+                "--no-progress",
+                "--metrics-url",
+                f"http://127.0.0.1:{metrics}/metrics",
+                "--json",
+                out.name,
             ],
             check=True,
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         result: dict[str, Any] = json.loads(Path(out.name).read_text())
         return result
 
@@ -112,11 +127,22 @@ def loadgen(
 def baseline(model_dir: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
-            [sys.executable, str(HERE / "baseline.py"), str(model_dir), "--threads", str(threads),
-             "--providers", args.providers, "--seconds", str(args.baseline_seconds), "--json", out.name],
+            [
+                sys.executable,
+                str(HERE / "baseline.py"),
+                str(model_dir),
+                "--threads",
+                str(threads),
+                "--providers",
+                args.providers,
+                "--seconds",
+                str(args.baseline_seconds),
+                "--json",
+                out.name,
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         result: dict[str, Any] = json.loads(Path(out.name).read_text())
         return result
 
@@ -131,16 +157,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for policy in POLICIES:
-            points = sorted((r for r in rows if r["model"] == model and r["policy"] == policy),
-                            key=lambda r: r["concurrency"])  # fmt: skip
+            points = sorted(
+                (r for r in rows if r["model"] == model and r["policy"] == policy),
+                key=lambda r: r["concurrency"],
+            )
             if not points:
                 continue
             ax.plot(
                 [p["rows_per_s"] for p in points], [p["p50_ms"] for p in points], marker="o", label=policy
             )
             for p in points:
-                ax.annotate(f"c={p['concurrency']}", (p["rows_per_s"], p["p50_ms"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+                ax.annotate(
+                    f"c={p['concurrency']}",
+                    (p["rows_per_s"], p["p50_ms"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         best = next((r["baseline_best_rows_per_s"] for r in rows if r["model"] == model), None)
         if best:
             ax.axvline(best, color="grey", linestyle="--", label="ONNX Runtime in-process best")
@@ -183,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         baselines[name] = base
         best = max(r["rows_per_s"] for r in base["results"])
         b1 = next(r for r in base["results"] if r["batch"] == 1)
-        print(f"{name}: ONNX Runtime in-process best {best:,.0f} rows/s, batch 1 p50 {b1['p50_ms']:.3f} ms",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{name}: ONNX Runtime in-process best {best:,.0f} rows/s, batch 1 p50 {b1['p50_ms']:.3f} ms",
+            file=sys.stderr,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for policy in policies:
                 repo = repository_for(model_dir, policy, Path(tmp))
@@ -193,17 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                         r = loadgen(port, metrics, name, concurrency, args)
                         batches = r.get("server_batches") or {}
                         row = {
-                            "model": name, "policy": policy, "concurrency": concurrency,
-                            "requests_per_s": r["requests_per_s"], "rows_per_s": r["rows_per_s"],
-                            "p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
-                            "p99_ms": r["latency_ms"]["p99"], "errors": r["errors"],
-                            "mean_batch": batches.get("mean_rows_per_batch"), "baseline_best_rows_per_s": best,
+                            "model": name,
+                            "policy": policy,
+                            "concurrency": concurrency,
+                            "requests_per_s": r["requests_per_s"],
+                            "rows_per_s": r["rows_per_s"],
+                            "p50_ms": r["latency_ms"]["p50"],
+                            "p90_ms": r["latency_ms"]["p90"],
+                            "p99_ms": r["latency_ms"]["p99"],
+                            "errors": r["errors"],
+                            "mean_batch": batches.get("mean_rows_per_batch"),
+                            "baseline_best_rows_per_s": best,
                             "baseline_b1_p50_ms": b1["p50_ms"],
-                        }  # fmt: skip
+                        }
                         rows.append(row)
-                        print(f"  {policy:8s} c={concurrency:<3d} {row['rows_per_s']:8,.0f} rows/s  "
-                              f"p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
-                              f"batch {row['mean_batch'] or 0:5.1f}", file=sys.stderr)  # fmt: skip
+                        print(
+                            f"  {policy:8s} c={concurrency:<3d} {row['rows_per_s']:8,.0f} rows/s  "
+                            f"p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+                            f"batch {row['mean_batch'] or 0:5.1f}",
+                            file=sys.stderr,
+                        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "baselines": baselines}, indent=2) + "\n")
     plot(rows, args.plot)
@@ -211,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         share = r["rows_per_s"] / r["baseline_best_rows_per_s"]
-        print(f"| {r['model']} | {r['policy']} | {r['concurrency']} | {r['rows_per_s']:,.0f} | {share:.2f} | "
-              f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch'] or 0:.1f} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['policy']} | {r['concurrency']} | {r['rows_per_s']:,.0f} | {share:.2f} | "
+            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch'] or 0:.1f} |"
+        )
     return 0
 
 
