@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,20 +50,40 @@ def _dump(config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def repository_for(model_dir: Path, policy: str, root: Path) -> Path:
-    """A one-model repository whose config.toml runs `policy`; version files are linked, not copied."""
-    repo = root / policy
+def repository_for(model_dir: Path, policy: str, delay_ms: float | None, root: Path) -> Path:
+    """A one-model repository whose config.toml runs `policy` (and `delay_ms`, when given); version files
+    are linked, not copied."""
+    repo = root / f"{policy}-{delay_ms}"
     target = repo / model_dir.name
     target.mkdir(parents=True)
     config_path = model_dir / "config.toml"
     config = tomllib.loads(config_path.read_text()) if config_path.exists() else {}
     config.setdefault("batching", {})["policy"] = policy
+    if delay_ms is not None:
+        config["batching"]["max_delay_ms"] = delay_ms
     (target / "config.toml").write_text(_dump(config))
     for version in model_dir.iterdir():
         if version.is_dir() and version.name.isdigit():
             (target / version.name).mkdir()
             os.symlink((version / "model.onnx").resolve(), target / version.name / "model.onnx")
     return repo
+
+
+def _wait_ready(port: int, timeout: float = 120.0) -> None:
+    """Waits until Health says every model finished loading (a big model takes a while)."""
+    import grpc
+
+    from sluice.v1 import inference_pb2, inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while time.monotonic() < deadline:
+            health = stub.Health(inference_pb2.HealthRequest())
+            if health.state != inference_pb2.SERVING_STATE_STARTING:
+                return
+            time.sleep(0.1)
+    raise SystemExit("the server's models did not finish loading")
 
 
 @contextmanager
@@ -84,6 +105,7 @@ def serving(repo: Path, sluice: str) -> Iterator[tuple[int, int]]:
         if not found:
             raise SystemExit("sluice serve printed no metrics port")
         metrics = int(found[1])
+        _wait_ready(port)
         yield port, metrics
     finally:
         proc.terminate()
@@ -156,7 +178,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        for policy in POLICIES:
+        for policy in dict.fromkeys(r["policy"] for r in rows):
             points = sorted(
                 (r for r in rows if r["model"] == model and r["policy"] == policy),
                 key=lambda r: r["concurrency"],
@@ -196,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--policy", action="append", choices=POLICIES, help="default: all three")
     parser.add_argument("--concurrency", type=int, action="append", help="default: 1, 8, 64")
+    parser.add_argument(
+        "--fixed-window",
+        type=float,
+        action="append",
+        help="max_delay_ms for the fixed policy (repeatable); default: the model's own",
+    )
     parser.add_argument("--processes", type=int, default=2, help="client processes above concurrency 1")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -221,15 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            for policy in policies:
-                repo = repository_for(model_dir, policy, Path(tmp))
+            runs: list[tuple[str, float | None]] = [(p, None) for p in policies if p != "fixed"]
+            if "fixed" in policies:
+                runs[1:1] = [("fixed", w) for w in (args.fixed_window or [None])]
+            for policy, window in runs:
+                repo = repository_for(model_dir, policy, window, Path(tmp))
+                label = policy if window is None else f"{policy} {window:g} ms"
                 with serving(repo, sluice) as (port, metrics):
                     for concurrency in concurrencies:
                         r = loadgen(port, metrics, name, concurrency, args)
                         batches = r.get("server_batches") or {}
                         row = {
                             "model": name,
-                            "policy": policy,
+                            "policy": label,
                             "concurrency": concurrency,
                             "requests_per_s": r["requests_per_s"],
                             "rows_per_s": r["rows_per_s"],
@@ -243,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         }
                         rows.append(row)
                         print(
-                            f"  {policy:8s} c={concurrency:<3d} {row['rows_per_s']:8,.0f} rows/s  "
+                            f"  {label:14s} c={concurrency:<3d} {row['rows_per_s']:8,.0f} rows/s  "
                             f"p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
                             f"batch {row['mean_batch'] or 0:5.1f}",
                             file=sys.stderr,

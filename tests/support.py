@@ -136,3 +136,14 @@ def outputs(response: pb.PredictResponse) -> dict[str, npt.NDArray[np.generic]]:
 
 def string_bytes(*items: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(i)) + i for i in items)
+
+
+def doubler_model() -> onnx.ModelProto:
+    """y = 2 * x for x FP32 [N, L] with L free: rows of different lengths can be padded into one batch."""
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    return _graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])],
+        [two],
+    )

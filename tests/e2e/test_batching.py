@@ -15,7 +15,7 @@ import pytest
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import DIGITS_ONNX, add_digits, outputs, request, save, slow_model
+from support import DIGITS_ONNX, add_digits, doubler_model, outputs, request, save, slow_model
 
 
 def scrape(server: SluiceServer) -> dict[str, float]:
@@ -110,3 +110,26 @@ async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceSer
     assert dropped == 1
     assert metrics['sluice_queue_rows{model="slow"}'] == 0
     assert metrics['sluice_instances_busy{model="slow"}'] == 0
+
+
+async def test_padded_requests_batch_together_and_get_their_own_lengths(repo: Path) -> None:
+    save(doubler_model(), repo / "doubler" / "1" / "model.onnx")
+    (repo / "doubler" / "config.toml").write_text(
+        '[batching]\nmax_batch_size = 16\nmax_delay_ms = 50\npolicy = "fixed"\n'
+        '[inputs.x]\npad = { axis = 1, dim = "length", value = 0 }\n'
+        '[outputs.y]\ncrop = { axis = 1, dim = "length" }\n'
+    )
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
+    await server.start()
+    await server.loaded()
+    try:
+        inputs = [np.arange(1, 1 + length, dtype=np.float32)[None, :] for length in (3, 7, 1, 5)]
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            responses = await asyncio.gather(*(stub.Predict(request("doubler", x=x)) for x in inputs))
+        for x, response in zip(inputs, responses, strict=True):
+            np.testing.assert_array_equal(outputs(response)["y"], 2 * x)
+        metrics = scrape(server)
+        assert metrics['sluice_batch_rows_count{model="doubler"}'] < len(inputs), "lengths were not batched"
+    finally:
+        await server.stop(0)
