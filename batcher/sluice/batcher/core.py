@@ -76,6 +76,7 @@ class Batcher:
         self._wake_rows = 1
         self._idle = asyncio.Event()
         self._closing = False
+        self._last_arrival = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -254,6 +255,7 @@ class Batcher:
         )
         queue.push(item)
         self._load.on_arrival(rows, now)
+        self._last_arrival = now
         self._observer.on_enqueue(rows, queue.rows)
         return item
 
@@ -340,8 +342,13 @@ class Batcher:
                 if wait > 0:
                     # Any admission counts towards `enough` (conservative when groups differ).
                     self._wake_rows = queue.rows + enough - queued
-                    await self._wait(wait)
-                    continue
+                    if not policy.loop_bound:
+                        await self._wait(wait)
+                        continue
+                    await self._until_quiet(head, now + wait)
+                    head = queue.head()
+                    if head is None or not self._free:
+                        continue
             batch = self._collect(head)
             if batch is None:
                 self._check_idle()
@@ -350,6 +357,20 @@ class Batcher:
                 await self._run_batch(batch, self._start(batch, head))
             else:
                 self._spawn(batch, head)
+
+    async def _until_quiet(self, head: Pending, end: float) -> None:
+        """Sleeps until `end`, a full batch, or a pause in arrivals (see AdaptivePolicy.quiet_gap).
+
+        Arrivals do not wake the dispatcher: each wake-up just checks whether one came since it slept.
+        """
+        gap = self._policy.quiet_gap(time.monotonic())
+        limit = self._config.max_batch_size
+        while self._queue.group_rows(head.key) < limit and not self._closing:
+            now = time.monotonic()
+            until = min(end, self._last_arrival + gap)
+            if until <= now:
+                return
+            await self._wait(until - now)
 
     async def _wait(self, limit: float | None = None) -> None:
         # Cleared only here, right before sleeping: the caller checked the state with no await since,

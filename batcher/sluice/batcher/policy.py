@@ -13,7 +13,9 @@ At light load b* <= 1 and every request runs at once; as load grows batches grow
 The model is not the only thing a batch costs: collecting, splitting and answering it costs the event loop
 too, and the loop also carries every request's gRPC work. When the loop itself is saturated (`pressure`,
 its busy fraction, is at least LOOP_SATURATED), each batch saved is throughput gained, so the policy
-waits for company up to max_delay even when the model is idle. A wait that brings no company (a lone
+waits for company even when the model is idle: up to max_delay, but only while requests keep coming. Once
+arrivals pause for twice their mean gap, the callers that are coming have come, and waiting longer would
+only leave the loop idle. A wait that brings no company (a lone
 caller whose next request cannot come before this one is answered) is not repeated for the next 2, 4, 8 ...
 batches, so a single busy caller almost never waits.
 """
@@ -109,6 +111,14 @@ class Policy:
         self.load = load
         self.pressure = pressure
 
+    loop_bound = False
+    """True while the current wait is for the event loop's sake (see AdaptivePolicy)."""
+
+    def quiet_gap(self, now: float) -> float:
+        """A pause in arrivals this long (twice the mean gap) means the callers are all waiting already."""
+        rate = self.load.rate(now)
+        return 2.0 / rate if rate > 0 else 0.0
+
     def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
         """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited."""
 
@@ -156,25 +166,25 @@ class AdaptivePolicy(Policy):
         super().__init__(config, load, pressure)
         self._skip = 0  # batches still to dispatch at once after a fruitless wait
         self._backoff = 1
-        self._waiting_for_loop = False
+        self.loop_bound = False
 
     def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
         if self._skip:
             self._skip -= 1
-        elif self._waiting_for_loop:
+        elif self.loop_bound:
             if rows > head_rows:
                 self._backoff = 1
             else:
                 self._skip = self._backoff
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF)
-        self._waiting_for_loop = False
+        self.loop_bound = False
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
         if left <= 0 or queued >= self.max_rows:
             return 0.0, 0
         if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
-            self._waiting_for_loop = True
+            self.loop_bound = True
             return left, self.max_rows
         target = self.target_rows(now)
         if queued >= target:
