@@ -93,6 +93,11 @@ class ExecutionConfig(_Frozen):
         default=0, ge=0, description="Threads per session; 0 shares the server's inference_threads."
     )
     cuda_device: int = Field(default=0, ge=0, description="CUDA device id when running on CUDA.")
+    spin: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Let ONNX Runtime's pool threads spin between parallel sections: faster runs, busier "
+        "cores; auto: on, except for models fast enough to run on the event loop.",
+    )
     inline_max_us: float | None = Field(
         default=None,
         ge=0,

@@ -178,18 +178,29 @@ class ModelRepository:
             self._default[entry.name] = default.servable
         model = servable.model
         log.info(
-            "model loaded name=%s version=%d providers=%s instances=%d threads=%d max_batch_size=%d %s "
-            "load_ms=%.0f",
+            "model loaded name=%s version=%d providers=%s instances=%d threads=%d spinning=%s "
+            "max_batch_size=%d %s load_ms=%.0f",
             entry.name, version.version, ",".join(model.providers), len(model.sessions), model.threads,
-            model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
+            model.spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
 
     def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
-        model = OnnxModel(name, version.version, version.path, config, threads)
+        spin = config.execution.spin
+        servable = self._servable(name, version, config, threads, spinning=spin != "off")
+        if spin == "auto" and servable.runner.inline_at_one_row():
+            # Fast enough to run on the event loop: spinning pool threads would take its core. Such a model
+            # is small, so building its sessions again costs little.
+            servable.runner.close()
+            servable = self._servable(name, version, config, threads, spinning=False)
+        return servable
+
+    def _servable(
+        self, name: str, version: VersionEntry, config: ModelConfig, threads: int, *, spinning: bool
+    ) -> Servable:
+        model = OnnxModel(name, version.version, version.path, config, threads, spinning=spinning)
         inline = config.execution.inline_max_us
         runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
-        metrics = self.metrics.model(name)
-        scheduler = make_scheduler(runner, metrics, self.loop_load)
+        scheduler = make_scheduler(runner, self.metrics.model(name), self.loop_load)
         servable = Servable(model, runner, scheduler, self.max_bytes)
         try:
             servable.warm_up()

@@ -89,11 +89,12 @@ class ModelRunner:
         )
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
+        self._row_elements = 0
 
     def calibrate(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Measures run time at one row and at the batch limit; `feeds` holds one row per input."""
         one = _median_run(self.model, feeds)
-        elements = _elements(feeds)
+        elements = self._row_elements = _elements(feeds)
         rows = self.model.max_batch_size
         if rows > 1:
             full = {name: np.repeat(array, rows, axis=0) for name, array in feeds.items()}
@@ -101,6 +102,10 @@ class ModelRunner:
             if more > 0:
                 self._per_element = max(0.0, (_median_run(self.model, full) - one) / more)
         self._fixed = max(0.0, one - self._per_element * elements)
+
+    def inline_at_one_row(self) -> bool:
+        """Whether a one-row batch runs on the event loop (the model is that fast)."""
+        return self._fixed + self._per_element * self._row_elements <= self.inline_limit
 
     def predicted(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> float:
         """Expected seconds to run `feeds`."""
