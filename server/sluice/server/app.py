@@ -17,6 +17,7 @@ from sluice.server.metrics import Metrics
 from sluice.server.repository import ModelRepository
 from sluice.server.service import InferenceService, Phase
 from sluice.server.settings import ServerSettings
+from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sluice.server")
@@ -95,9 +96,12 @@ class SluiceServer:
     async def _load(self) -> None:
         await self.repository.load()
         self.service.phase = Phase.SERVING
-        ready = sum(1 for s in self.repository.servables())
-        log.info("ready models=%d versions_ready=%d state=%s", len(self.repository.models), ready,
-                 "SERVING" if self.service.state() == 2 else "NOT_SERVING")  # fmt: skip
+        log.info(
+            "ready models=%d versions_ready=%d state=%s",
+            len(self.repository.models),
+            len(self.repository.servables()),
+            pb.ServingState.Name(self.service.state()).removeprefix("SERVING_STATE_"),
+        )
 
     async def loaded(self) -> None:
         """Returns once every model has loaded or failed."""
@@ -118,6 +122,7 @@ class SluiceServer:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         for servable in servables:
             servable.runner.close()
+        self.metrics.close()
         log.info("stopped")
 
     async def serve(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Protocol
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -102,6 +103,7 @@ class Metrics(Collector):
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=False)
+        self._http: WSGIServer | None = None
         self.registry.register(self)
 
     def model(self, name: str) -> ModelMetrics:
@@ -177,5 +179,12 @@ class Metrics(Collector):
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stops the /metrics endpoint, if it was started."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
