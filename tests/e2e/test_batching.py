@@ -97,7 +97,7 @@ async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceSer
         assert "max_queue_rows=300" in (full.value.details() or "")
 
         with pytest.raises(grpc.aio.AioRpcError) as late:
-            await stub.Predict(request("slow", id="late", x=big[:1]), timeout=0.05)
+            await stub.Predict(request("slow", id="late", x=big[:1]), timeout=0.3)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
         assert (await running).id == "running"
