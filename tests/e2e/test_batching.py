@@ -38,7 +38,7 @@ async def served(repo: Path) -> AsyncIterator[SluiceServer]:
     (model / "config.toml").write_text(
         '[batching]\nmax_batch_size = 64\nmax_delay_ms = 50\npolicy = "fixed"\n'
     )
-    save(slow_model(), repo / "slow" / "1" / "model.onnx")
+    save(slow_model(layers=96), repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n")
     server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
     await server.start()

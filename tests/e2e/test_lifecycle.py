@@ -60,7 +60,7 @@ async def start(*args: str) -> Process:
 
 @pytest.fixture
 def slow_repo(repo: Path) -> Path:
-    save(slow_model(), repo / "slow" / "1" / "model.onnx")
+    save(slow_model(layers=96), repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\n")
     return repo
 

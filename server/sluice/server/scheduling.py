@@ -96,7 +96,8 @@ class ModelRunner:
         one = _median_run(self.model, feeds)
         elements = self._row_elements = _elements(feeds)
         rows = self.model.max_batch_size
-        if rows > 1:
+        # A model too slow to run inline at one row never will with more: spare it full-batch runs at load.
+        if rows > 1 and one <= self.inline_limit:
             full = {name: np.repeat(array, rows, axis=0) for name, array in feeds.items()}
             more = _elements(full) - elements
             if more > 0:
