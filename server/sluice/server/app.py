@@ -12,8 +12,11 @@ from importlib import resources
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from sluice.server.metrics import Metrics
+from sluice.server.probes import Probes
 from sluice.server.repository import ModelRepository
 from sluice.server.service import InferenceService, Phase
 from sluice.server.settings import ServerSettings
@@ -45,6 +48,7 @@ class SluiceServer:
             inference_threads=settings.inference_threads,
         )
         self.service = InferenceService(self.repository, self.metrics)
+        self.probes = Probes()
         self.port = 0
         self.metrics_port: int | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -72,6 +76,15 @@ class SluiceServer:
             ]
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
+        await self.probes.starting(list(self.repository.models))
+        if self.settings.reflection:
+            names = (
+                pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, self._server)
         host = self.settings.host
         bind = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
         self.port = self._server.add_insecure_port(bind)
@@ -96,6 +109,7 @@ class SluiceServer:
     async def _load(self) -> None:
         await self.repository.load()
         self.service.phase = Phase.SERVING
+        await self.probes.loaded({name: entry.state for name, entry in self.repository.models.items()})
         log.info(
             "ready models=%d versions_ready=%d state=%s",
             len(self.repository.models),
@@ -114,6 +128,7 @@ class SluiceServer:
         grace = self.settings.grace_period_s if grace is None else grace
         deadline = time.monotonic() + grace
         self.service.phase = Phase.DRAINING
+        await self.probes.draining()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         servables = self.repository.servables()

@@ -44,6 +44,10 @@ def _serve_parser(sub: Any) -> None:
     flag("max_message_bytes", type=int, metavar="BYTES")
     flag("grace_period_s", type=float, metavar="SECONDS")
     flag("inference_threads", type=int, metavar="N")
+    p.add_argument(
+        "--reflection", action=argparse.BooleanOptionalAction, default=None,
+        help=f"{fields['reflection'].description} [SLUICE_REFLECTION, default: True]",
+    )  # fmt: skip
     flag("event_loop", choices=["auto", "uvloop", "asyncio"])
     flag("log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     flag("log_format", choices=["text", "json"])

@@ -52,6 +52,11 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Total ONNX Runtime intra-op threads shared by all sessions; 0 means one per CPU core.",
     )
+    reflection: bool = Field(
+        default=True,
+        description="Serve gRPC server reflection, so grpcurl and similar tools work without the .proto "
+        "files.",
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto",
         description="Event loop: uvloop (a faster loop, about 10% more requests/s here), asyncio, or auto "
