@@ -1,0 +1,284 @@
+"""Python clients for Sluice: `Client` (blocking) and `AsyncClient` (asyncio), with the same API.
+
+    with Client("127.0.0.1:8001") as client:
+        outputs = client.predict("digits", pixels=images)      # numpy in, numpy out
+
+Calls that only read (Predict, Health) are retried with exponential backoff when the server answers
+UNAVAILABLE (a replica draining, a model still loading); every failure surfaces as `SluiceError`, carrying
+the gRPC status code and the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy.typing as npt
+
+from sluice.clients.codec import to_array, to_tensor
+from sluice.v1 import inference_pb2 as pb
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+Outputs = dict[str, npt.NDArray[Any]]
+
+
+class SluiceError(Exception):
+    """A call that failed: the gRPC status code and the server's message (or the transport's)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Backoff for calls that are safe to repeat: attempts in all, first delay, growth, cap."""
+
+    attempts: int = 4
+    initial: float = 0.05
+    multiplier: float = 2.0
+    maximum: float = 1.0
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(delay * self.multiplier, self.maximum)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to reach a server: TLS, a bearer token, message size, default deadline, retries."""
+
+    tls: bool = False
+    """Use TLS; with no root certificates given, the system's are used."""
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    """Client certificate (PEM) for mutual TLS."""
+    private_key: bytes | None = None
+    token: str | None = None
+    """Sent as `authorization: Bearer <token>` on every call."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Match the server's max_message_bytes, so large outputs are accepted."""
+    timeout: float | None = None
+    """Default deadline in seconds for each call; None waits as long as it takes."""
+    retry: Retry = field(default_factory=Retry)
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One answer on a stream: the request's id and its outputs, or the error it failed with."""
+
+    id: str
+    outputs: Outputs | None
+    error: SluiceError | None
+
+
+def build_request(
+    model: str,
+    inputs: Mapping[str, npt.ArrayLike],
+    *,
+    version: int | None = None,
+    outputs: Iterable[str] = (),
+    priority: int | None = None,
+    request_id: str = "",
+) -> pb.PredictRequest:
+    """The wire request for one prediction."""
+    request = pb.PredictRequest(
+        model=model, id=request_id, inputs=[to_tensor(name, value) for name, value in inputs.items()]
+    )
+    if version is not None:
+        request.version = version
+    request.outputs.extend(outputs)
+    if priority is not None:
+        request.parameters["priority"].int64_value = priority
+    return request
+
+
+def read_outputs(response: pb.PredictResponse) -> Outputs:
+    """The response's tensors as arrays, by name."""
+    return {tensor.name: to_array(tensor) for tensor in response.outputs}
+
+
+def _error(exc: grpc.RpcError) -> SluiceError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return SluiceError(code, details or code.name)
+
+
+def _stream_result(answer: pb.StreamPredictResponse) -> StreamResult:
+    if answer.code:
+        code = next((c for c in grpc.StatusCode if c.value[0] == answer.code), grpc.StatusCode.UNKNOWN)
+        return StreamResult(answer.id, None, SluiceError(code, answer.message, request_id=answer.id))
+    return StreamResult(answer.id, read_outputs(answer.response), None)
+
+
+class Client:
+    """Blocking client over one channel; use it as a context manager or call `close()`."""
+
+    def __init__(self, target: str, options: ClientOptions | None = None) -> None:
+        self.options = options or ClientOptions()
+        opts = self.options
+        if opts.tls:
+            self._channel = grpc.secure_channel(target, opts.credentials(), options=opts.channel_options())
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts.channel_options())
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        timeout = self.options.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = self.options.retry.delays()
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return method(request, timeout=left, metadata=self.options.metadata())
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                delay = next(delays, None)
+                if error.code not in self.options.retry.codes or delay is None:
+                    raise error from None
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise error from None
+                time.sleep(delay)
+
+    def predict(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        outputs: Iterable[str] = (),
+        priority: int | None = None,
+        timeout: float | None = None,
+        **inputs: npt.ArrayLike,
+    ) -> Outputs:
+        """Runs `model` on the named inputs (numpy arrays, rows first) and returns its outputs by name."""
+        request = build_request(model, inputs, version=version, outputs=outputs, priority=priority)
+        return read_outputs(self._call(self._stub.Predict, request, timeout))
+
+    def health(self, model: str = "", *, timeout: float | None = None) -> pb.HealthResponse:
+        """The server's state and every model's (or one model's) versions, states and signatures."""
+        return self._call(self._stub.Health, pb.HealthRequest(model=model), timeout)
+
+    def metadata(self, model: str, *, timeout: float | None = None) -> pb.ModelStatus:
+        """One model's versions, states, inputs and outputs."""
+        return self.health(model, timeout=timeout).models[0]
+
+    def stream(
+        self, requests: Iterable[pb.PredictRequest], *, timeout: float | None = None
+    ) -> Iterator[StreamResult]:
+        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order)."""
+        timeout = self.options.timeout if timeout is None else timeout
+        call = self._stub.StreamPredict(iter(requests), timeout=timeout, metadata=self.options.metadata())
+        try:
+            for answer in call:
+                yield _stream_result(answer)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+
+class AsyncClient:
+    """asyncio client over one grpc.aio channel; `async with` it, or await `close()`."""
+
+    def __init__(self, target: str, options: ClientOptions | None = None) -> None:
+        self.options = options or ClientOptions()
+        opts = self.options
+        if opts.tls:
+            self._channel = grpc.aio.secure_channel(
+                target, opts.credentials(), options=opts.channel_options()
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=opts.channel_options())
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        timeout = self.options.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = self.options.retry.delays()
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await method(request, timeout=left, metadata=self.options.metadata())
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                delay = next(delays, None)
+                if error.code not in self.options.retry.codes or delay is None:
+                    raise error from None
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise error from None
+                await asyncio.sleep(delay)
+
+    async def predict(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        outputs: Iterable[str] = (),
+        priority: int | None = None,
+        timeout: float | None = None,
+        **inputs: npt.ArrayLike,
+    ) -> Outputs:
+        """Runs `model` on the named inputs (numpy arrays, rows first) and returns its outputs by name."""
+        request = build_request(model, inputs, version=version, outputs=outputs, priority=priority)
+        return read_outputs(await self._call(self._stub.Predict, request, timeout))
+
+    async def health(self, model: str = "", *, timeout: float | None = None) -> pb.HealthResponse:
+        """The server's state and every model's (or one model's) versions, states and signatures."""
+        return await self._call(self._stub.Health, pb.HealthRequest(model=model), timeout)
+
+    async def metadata(self, model: str, *, timeout: float | None = None) -> pb.ModelStatus:
+        """One model's versions, states, inputs and outputs."""
+        return (await self.health(model, timeout=timeout)).models[0]
+
+    async def stream(
+        self,
+        requests: AsyncIterable[pb.PredictRequest] | Iterable[pb.PredictRequest],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order)."""
+        timeout = self.options.timeout if timeout is None else timeout
+        call = self._stub.StreamPredict(requests, timeout=timeout, metadata=self.options.metadata())  # type: ignore[arg-type]
+        try:
+            async for answer in call:
+                yield _stream_result(answer)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
