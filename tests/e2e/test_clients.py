@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from sluice.clients import AsyncClient, Client, ClientOptions, Retry, SluiceError, build_request
+from sluice.clients import AsyncClient, Client, ClientOptions, QueueClient, Retry, SluiceError, build_request
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from support import DIGITS_ONNX, add_digits, add_model, save
@@ -92,3 +92,30 @@ async def test_unavailable_is_retried_then_reported(repo: Path) -> None:
         assert pinned["label"].shape == (1,)
     finally:
         await server.stop(0)
+
+
+async def test_queue_client_enqueue_query_dequeue(server: SluiceServer) -> None:
+    def work() -> tuple[np.ndarray, dict[str, bool], str]:
+        with QueueClient(server.address, "digits") as queue:
+            for i in range(5):
+                queue.enqueue(f"img-{i}", pixels=ROWS[i : i + 1])
+            queue.enqueue("bad", pixels=ROWS[:1].astype(np.float64))
+            first = queue.query("img-0", timeout=10)["label"]
+            with pytest.raises(SluiceError) as info:
+                queue.query("bad", timeout=10)
+            for i in range(1, 5):
+                queue.query(f"img-{i}", timeout=10)
+            queue.enqueue("late", pixels=ROWS[:1])
+            queue.query("late", timeout=10)
+            queue.enqueue("last", pixels=ROWS[:1])
+        with QueueClient(server.address, "digits") as again:
+            again.enqueue("x", pixels=ROWS[:1])
+            again.query("x", timeout=10)
+            again.enqueue("y", pixels=ROWS[:1])
+        left = again.dequeue()
+        return first, {uri: r.error is None for uri, r in left.items()}, info.value.code.name
+
+    first, left, bad_code = await asyncio.to_thread(work)
+    assert first[0] == _expected(ROWS[:1])["label"][0]
+    assert bad_code == "INVALID_ARGUMENT"
+    assert left == {"y": True}  # answered before close returned, kept until dequeued

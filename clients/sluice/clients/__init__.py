@@ -14,11 +14,13 @@ from sluice.clients.client import (
     read_outputs,
 )
 from sluice.clients.codec import to_array, to_tensor
+from sluice.clients.queue import QueueClient
 
 __all__ = [
     "AsyncClient",
     "Client",
     "ClientOptions",
+    "QueueClient",
     "Retry",
     "SluiceError",
     "StreamResult",
