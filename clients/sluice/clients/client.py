@@ -174,15 +174,23 @@ class Client:
     def predict(
         self,
         model: str,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        /,
         *,
         version: int | None = None,
         outputs: Iterable[str] = (),
         priority: int | None = None,
         timeout: float | None = None,
-        **inputs: npt.ArrayLike,
+        **named: npt.ArrayLike,
     ) -> Outputs:
-        """Runs `model` on the named inputs (numpy arrays, rows first) and returns its outputs by name."""
-        request = build_request(model, inputs, version=version, outputs=outputs, priority=priority)
+        """Runs `model` on inputs (numpy arrays, rows first) and returns its outputs by name.
+
+        Inputs come as keywords (`pixels=array`) or, for names that clash with the keywords here, as a
+        mapping in the second argument.
+        """
+        request = build_request(
+            model, {**(inputs or {}), **named}, version=version, outputs=outputs, priority=priority
+        )
         return read_outputs(self._call(self._stub.Predict, request, timeout))
 
     def health(self, model: str = "", *, timeout: float | None = None) -> pb.HealthResponse:
@@ -249,15 +257,23 @@ class AsyncClient:
     async def predict(
         self,
         model: str,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        /,
         *,
         version: int | None = None,
         outputs: Iterable[str] = (),
         priority: int | None = None,
         timeout: float | None = None,
-        **inputs: npt.ArrayLike,
+        **named: npt.ArrayLike,
     ) -> Outputs:
-        """Runs `model` on the named inputs (numpy arrays, rows first) and returns its outputs by name."""
-        request = build_request(model, inputs, version=version, outputs=outputs, priority=priority)
+        """Runs `model` on inputs (numpy arrays, rows first) and returns its outputs by name.
+
+        Inputs come as keywords (`pixels=array`) or, for names that clash with the keywords here, as a
+        mapping in the second argument.
+        """
+        request = build_request(
+            model, {**(inputs or {}), **named}, version=version, outputs=outputs, priority=priority
+        )
         return read_outputs(await self._call(self._stub.Predict, request, timeout))
 
     async def health(self, model: str = "", *, timeout: float | None = None) -> pb.HealthResponse:

@@ -97,8 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="sluice",
         description="Sluice: an asyncio gRPC inference server for ONNX models with an adaptive batcher.",
     )
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
     _serve_parser(sub)
+    # The client commands live with the clients; the one console script offers both sides.
+    from sluice.clients.cli import add_commands
+
+    add_commands(sub)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

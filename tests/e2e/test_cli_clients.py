@@ -1,0 +1,66 @@
+"""`sluice predict`, `sluice health` and `sluice models` against a real server, as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from sluice.server.app import SluiceServer
+from support import DIGITS_ONNX
+
+ROWS = np.random.default_rng(5).integers(0, 17, size=(3, 64)).astype(np.float32)
+
+
+async def sluice(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluice.server.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_predict_from_npy_and_json(server: SluiceServer, tmp_path: Path) -> None:
+    expected = ort.InferenceSession(str(DIGITS_ONNX), providers=["CPUExecutionProvider"]).run(
+        ["label"], {"pixels": ROWS}
+    )[0]
+    path = tmp_path / "pixels.npy"
+    np.save(path, ROWS)
+    code, out, err = await sluice(
+        "predict", "digits", "--input", f"pixels={path}", "--target", server.address, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["label"] == expected.tolist()
+
+    as_json = json.dumps(ROWS[:1].astype(int).tolist())  # integers, cast to the model's FP32
+    code, out, err = await sluice(
+        "predict", "digits", "-i", f"pixels={as_json}", "-o", "label", "--target", server.address
+    )
+    assert code == 0, err
+    assert out.splitlines()[0] == "label int64 [1]"
+    assert out.splitlines()[1] == f"[{expected[0]}]"
+
+
+async def test_predict_error_is_reported(server: SluiceServer) -> None:
+    code, _, err = await sluice("predict", "digits", "-i", "pixels=[[1, 2]]", "--target", server.address)
+    assert code == 1
+    assert "INVALID_ARGUMENT: input 'pixels': expected FP32 [-1, 64], got FP32 [1, 2]" in err
+
+
+async def test_health_and_models(server: SluiceServer) -> None:
+    code, out, err = await sluice("health", "--target", server.address)
+    assert code == 0, err
+    assert out.splitlines() == ["server SERVING", "  digits: READY"]
+    code, out, err = await sluice("models", "--target", server.address, "--json")
+    assert code == 0, err
+    (digits,) = json.loads(out)
+    assert digits["name"] == "digits"
+    assert digits["versions"][0]["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    code, out, _ = await sluice("models", "--target", server.address)
+    assert "    in  pixels: FP32 [-1, 64]" in out.splitlines()
