@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from sluice.server.metrics import Metrics
 from sluice.server.probes import Probes
 from sluice.server.repository import ModelRepository
+from sluice.server.security import BearerToken, server_credentials
 from sluice.server.service import InferenceService, Phase
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
@@ -68,12 +69,14 @@ class SluiceServer:
         limit = self.settings.max_message_bytes
         # gRPC itself refuses messages over twice the limit; between the two, the servicer answers with a
         # message naming the setting. The server is made here, inside the running loop it belongs to.
+        token = self.settings.auth_token
         self._server = grpc.aio.server(
+            interceptors=[BearerToken(token.get_secret_value())] if token is not None else None,
             options=[
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
@@ -87,11 +90,19 @@ class SluiceServer:
             reflection.enable_server_reflection(names, self._server)
         host = self.settings.host
         bind = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
-        self.port = self._server.add_insecure_port(bind)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(bind)
+        else:
+            self.port = self._server.add_secure_port(bind, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC port {bind}")
         if self.settings.unix_socket:
-            self._server.add_insecure_port(f"unix:{self.settings.unix_socket}")
+            unix = f"unix:{self.settings.unix_socket}"
+            if credentials is None:
+                self._server.add_insecure_port(unix)
+            else:
+                self._server.add_secure_port(unix, credentials)
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._server.start()

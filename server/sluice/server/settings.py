@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -36,6 +36,19 @@ class ServerSettings(BaseSettings):
         le=65535,
         description="Prometheus metrics port, served at /metrics; 0 picks a free one, -1 turns metrics off.",
     )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: serve the gRPC port over TLS (with tls_key)."
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: require clients to present a certificate it signed (mutual TLS).",
+    )
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="Require `authorization: Bearer <token>` on every call except grpc.health.v1 (probes); "
+        "others get UNAUTHENTICATED.",
+    )
     max_message_bytes: int = Field(
         default=64 * MiB,
         gt=0,
@@ -62,6 +75,15 @@ class ServerSettings(BaseSettings):
         description="Event loop: uvloop (a faster loop, about 10% more requests/s here), asyncio, or auto "
         "(uvloop when installed).",
     )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the server's own log lines."
     )
