@@ -6,6 +6,10 @@ PROTOS := proto/sluice/v1/inference.proto
 
 .PHONY: serve test check lint typecheck proto proto-check bench clean
 
+# The Node.js client test needs its two npm packages; without npm it skips and says why.
+NPM := $(shell command -v npm 2>/dev/null)
+NODE_DEPS := $(if $(NPM),tests/node/node_modules/.installed)
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -15,8 +19,12 @@ $(BIN)/.installed: pyproject.toml
 serve: $(BIN)/.installed  ## Serve the bundled example repository on 127.0.0.1:8001 (metrics on :8002).
 	$(BIN)/sluice serve
 
-test: $(BIN)/.installed  ## Run the whole test suite.
+test: $(BIN)/.installed $(NODE_DEPS)  ## Run the whole test suite.
 	$(BIN)/python -m pytest
+
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	touch $@
 
 check: lint typecheck proto-check  ## What CI checks besides the tests.
 
@@ -38,4 +46,4 @@ bench: $(BIN)/.installed  ## See benchmarks/README.md.
 	@cat benchmarks/README.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules
