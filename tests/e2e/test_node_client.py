@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support import DIGITS_ONNX, ROOT
 
 from sluice.server.app import SluiceServer
+from support import DIGITS_ONNX, ROOT
 
 NODE_DIR = ROOT / "tests" / "node"
 pytestmark = pytest.mark.skipif(
