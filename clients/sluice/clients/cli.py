@@ -16,15 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from sluice.clients.client import Client, ClientOptions, SluiceError
+from sluice.clients.codec import numpy_dtype
 from sluice.v1 import inference_pb2 as pb
-
-_NUMPY = {
-    pb.DATA_TYPE_BOOL: "bool", pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_INT8: "int8",
-    pb.DATA_TYPE_UINT16: "uint16", pb.DATA_TYPE_INT16: "int16", pb.DATA_TYPE_UINT32: "uint32",
-    pb.DATA_TYPE_INT32: "int32", pb.DATA_TYPE_UINT64: "uint64", pb.DATA_TYPE_INT64: "int64",
-    pb.DATA_TYPE_FP16: "float16", pb.DATA_TYPE_FP32: "float32", pb.DATA_TYPE_FP64: "float64",
-    pb.DATA_TYPE_STRING: "object",
-}  # fmt: skip
 
 
 def _type(datatype: int) -> str:
@@ -88,7 +81,7 @@ def _parse_input(text: str, specs: dict[str, pb.TensorSpec]) -> tuple[str, npt.N
         return name, np.load(value, allow_pickle=False)
     data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
     spec = specs.get(name)
-    dtype = _NUMPY[spec.datatype] if spec is not None else None
+    dtype = numpy_dtype(spec.datatype) if spec is not None else None
     return name, np.asarray(data, dtype=dtype)
 
 

@@ -28,6 +28,13 @@ _BY_KIND = {(d.kind, d.itemsize): t for t, d in _DTYPES.items()}
 _LENGTH = struct.Struct("<I")
 
 
+def numpy_dtype(datatype: int) -> np.dtype[Any]:
+    """The numpy dtype that holds a wire data type (object for STRING)."""
+    if datatype == pb.DATA_TYPE_STRING:
+        return np.dtype(object)
+    return _DTYPES[datatype]  # type: ignore[index]
+
+
 def to_tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
     """A wire tensor holding `array`; str/bytes/object arrays become STRING tensors."""
     a = np.asarray(array)
