@@ -133,6 +133,30 @@ def _stream_result(answer: pb.StreamPredictResponse) -> StreamResult:
     return StreamResult(answer.id, read_outputs(answer.response), None)
 
 
+class _Attempts:
+    """The deadline and backoff of one call, shared by both clients: only the sleeping differs."""
+
+    def __init__(self, options: ClientOptions, timeout: float | None) -> None:
+        timeout = options.timeout if timeout is None else timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._delays = options.retry.delays()
+        self._codes = options.retry.codes
+
+    def left(self) -> float | None:
+        """Seconds left for the next attempt (None: no deadline)."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def backoff(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before retrying after `exc`; raises it as SluiceError when not to retry."""
+        error = _error(exc)
+        delay = next(self._delays, None)
+        if error.code not in self._codes or delay is None:
+            raise error from None
+        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
+            raise error from None
+        return delay
+
+
 class Client:
     """Blocking client over one channel; use it as a context manager or call `close()`."""
 
@@ -155,21 +179,12 @@ class Client:
         self._channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        timeout = self.options.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.options.retry.delays()
+        attempts = _Attempts(self.options, timeout)
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return method(request, timeout=left, metadata=self.options.metadata())
+                return method(request, timeout=attempts.left(), metadata=self.options.metadata())
             except grpc.RpcError as exc:
-                error = _error(exc)
-                delay = next(delays, None)
-                if error.code not in self.options.retry.codes or delay is None:
-                    raise error from None
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise error from None
-                time.sleep(delay)
+                time.sleep(attempts.backoff(exc))
 
     def predict(
         self,
@@ -238,21 +253,12 @@ class AsyncClient:
         await self._channel.close(None)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
-        timeout = self.options.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.options.retry.delays()
+        attempts = _Attempts(self.options, timeout)
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await method(request, timeout=left, metadata=self.options.metadata())
+                return await method(request, timeout=attempts.left(), metadata=self.options.metadata())
             except grpc.RpcError as exc:
-                error = _error(exc)
-                delay = next(delays, None)
-                if error.code not in self.options.retry.codes or delay is None:
-                    raise error from None
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise error from None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(attempts.backoff(exc))
 
     async def predict(
         self,
