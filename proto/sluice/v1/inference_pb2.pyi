@@ -59,8 +59,12 @@ class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.Val
     DATA_TYPE_FP64: _DataType.ValueType  # 12
     """IEEE 754 double precision float."""
     DATA_TYPE_STRING: _DataType.ValueType  # 13
-    """Variable-length byte strings (text is UTF-8). In `raw_contents` each element is a 4-byte
-    little-endian unsigned length followed by that many bytes, elements in row-major order.
+    """Variable-length UTF-8 text. In `raw_contents` each element is a 4-byte little-endian unsigned
+    length followed by that many bytes, elements in row-major order.
+    """
+    DATA_TYPE_BYTES: _DataType.ValueType  # 14
+    """Variable-length binary data (an encoded image, say), laid out like STRING but not read as text.
+    An input declared BYTES also accepts STRING tensors (their UTF-8 bytes, for base64 text).
     """
 
 class DataType(_DataType, metaclass=_DataTypeEnumTypeWrapper):
@@ -93,8 +97,12 @@ DATA_TYPE_FP32: DataType.ValueType  # 11
 DATA_TYPE_FP64: DataType.ValueType  # 12
 """IEEE 754 double precision float."""
 DATA_TYPE_STRING: DataType.ValueType  # 13
-"""Variable-length byte strings (text is UTF-8). In `raw_contents` each element is a 4-byte
-little-endian unsigned length followed by that many bytes, elements in row-major order.
+"""Variable-length UTF-8 text. In `raw_contents` each element is a 4-byte little-endian unsigned
+length followed by that many bytes, elements in row-major order.
+"""
+DATA_TYPE_BYTES: DataType.ValueType  # 14
+"""Variable-length binary data (an encoded image, say), laid out like STRING but not read as text.
+An input declared BYTES also accepts STRING tensors (their UTF-8 bytes, for base64 text).
 """
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 

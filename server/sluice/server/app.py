@@ -147,7 +147,7 @@ class SluiceServer:
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         for servable in servables:
-            servable.runner.close()
+            servable.close()
         self.metrics.close()
         log.info("stopped")
 

@@ -107,11 +107,35 @@ class ExecutionConfig(_Frozen):
     )
 
 
+class PluginRef(BaseModel):
+    """A plugin named in config.toml, with its options inline: `{ name = "topk", k = 3 }`."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str = Field(min_length=1, description="Name the plugin is registered under (its entry point).")
+
+    def options(self) -> dict[str, Any]:
+        """Every key but `name`: validated against the plugin's own options model at load."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+WarmupValue = bool | int | float | str | list[Any] | dict[str, str]
+
+
 class ModelConfig(_Frozen):
     """Everything a model directory's config.toml may hold; every part is optional."""
 
     description: str = Field(default="", description="Free text shown in logs and metadata.")
-    runtime: Literal["onnx"] = Field(default="onnx", description="Runtime that loads the model.")
+    runtime: PluginRef = Field(
+        default=PluginRef(name="onnx"),
+        description='Runtime that loads and runs the model: "onnx" (reads <version>/model.onnx), "python" '
+        '(a class of yours), or an installed plugin; options inline: { name = "python", class = "Model" }.',
+    )
     versions: list[int] | None = Field(
         default=None, description="Versions to load; unset loads every version directory found."
     )
@@ -123,8 +147,20 @@ class ModelConfig(_Frozen):
     outputs: dict[str, TensorConfig] = Field(
         default_factory=dict, description="Output overrides keyed by graph output name."
     )
-    plugins: dict[str, Any] = Field(
-        default_factory=dict, description="Reserved for pre- and postprocessing plugins."
+    preprocess: list[PluginRef] = Field(
+        default_factory=list,
+        description='Preprocessors run on each request in order, before batching: [{ name = "image", ... }].',
+    )
+    postprocess: list[PluginRef] = Field(
+        default_factory=list,
+        description='Postprocessors run on each request\'s outputs in order: [{ name = "topk", k = 5 }].',
+    )
+    warmup: list[dict[str, WarmupValue]] = Field(
+        default_factory=list,
+        description="Example requests run through the whole pipeline before the model reports ready: "
+        'input name to a value (nested lists, a string) or { file = "x.png" } (its bytes) or '
+        '{ npy = "x.npy" }, paths relative to the model directory; unset: inputs synthesized from the '
+        "model's signature.",
     )
 
     @model_validator(mode="after")

@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
 from sluice.server.errors import SluiceError, invalid
-from sluice.server.runtime import OnnxModel, TensorSpec
+from sluice.server.model import LoadedModel
+from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocessor, Preprocessor, TensorSpec
 from sluice.server.scheduling import ModelRunner, Scheduler
-from sluice.server.tensors import decode, encode, format_shape, numpy_dtype, type_name
+from sluice.server.tensors import datatype_of, decode, encode, format_shape, numpy_dtype, type_name
 from sluice.v1 import inference_pb2 as pb
+
+log = logging.getLogger("sluice.server")
 
 
 class Servable:
-    """A loaded model version with its scheduler; everything a request needs, computed once at load."""
+    """A loaded model version with its plugins and scheduler; everything a request needs, computed once."""
 
-    def __init__(self, model: OnnxModel, runner: ModelRunner, scheduler: Scheduler, max_bytes: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        max_bytes: int,
+        preprocessors: Sequence[tuple[str, Preprocessor]] = (),
+        postprocessors: Sequence[tuple[str, Postprocessor]] = (),
+    ) -> None:
         self.model = model
         self.name = model.name
         self.version = model.version
@@ -27,16 +43,62 @@ class Servable:
         self.scheduler = scheduler
         self.max_bytes = max_bytes
         self.batching = model.max_batch_size > 0
-        self._inputs = {spec.name: spec for spec in model.inputs}
-        self._output_names = tuple(spec.name for spec in model.outputs)
-        self._input_list = ", ".join(f"'{s.name}' ({s.describe()})" for s in model.inputs)
+        self.preprocessors = tuple(preprocessors)
+        self.postprocessors = tuple(postprocessors)
+        inputs: Sequence[TensorSpec] = model.inputs
+        for where, pre in reversed(self.preprocessors):
+            inputs = _signature(pre.signature(inputs), f"{where} signature")
+        outputs: Sequence[TensorSpec] = model.outputs
+        for where, post in self.postprocessors:
+            outputs = _signature(post.signature(outputs), f"{where} signature")
+        self.inputs: tuple[TensorSpec, ...] = tuple(inputs)
+        """What callers send: the first preprocessor's inputs, or the model's."""
+        self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
+        """What callers get: the last postprocessor's outputs, or the model's."""
+        self._inputs = {spec.name: spec for spec in self.inputs}
+        self._output_names = tuple(spec.name for spec in self.outputs)
+        self._input_list = ", ".join(f"'{s.name}' ({s.describe()})" for s in self.inputs)
+        self._plugins = (
+            ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix=f"sluice-{self.name}-plugins"
+            )
+            if self.preprocessors or self.postprocessors
+            else None
+        )
 
     async def predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         """Validates, schedules and answers one request; raises SluiceError or a batcher error."""
         inputs = self.decode_inputs(request.inputs)
         names = self.output_names(request.outputs) if request.outputs else self._output_names
         priority = _priority(request) if request.parameters else 0
-        outputs = await self.scheduler.submit(inputs, priority=priority, deadline=deadline)
+        outputs = await self.infer(inputs, names, priority=priority, deadline=deadline)
+        return pb.PredictResponse(
+            id=request.id,
+            model=self.name,
+            model_version=self.version,
+            outputs=[encode(name, outputs[name]) for name in names],
+        )
+
+    async def infer(
+        self,
+        inputs: Arrays,
+        names: Sequence[str],
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Mapping[str, npt.NDArray[Any]]:
+        """Runs one request whose inputs passed `decode_inputs` or `check_inputs`: preprocessing, the batched
+        model run and postprocessing; every protocol the server speaks comes through here."""
+        if self._plugins is None:
+            outputs = await self.scheduler.submit(inputs, priority=priority, deadline=deadline)
+        else:
+            loop = asyncio.get_running_loop()
+            feeds = inputs
+            if self.preprocessors:
+                feeds = await loop.run_in_executor(self._plugins, self._preprocess, inputs)
+            outputs = await self.scheduler.submit(feeds, priority=priority, deadline=deadline)
+            if self.postprocessors:
+                outputs = await loop.run_in_executor(self._plugins, self._postprocess, dict(outputs), feeds)
         size = 0
         for name in names:
             size += outputs[name].nbytes
@@ -46,12 +108,24 @@ class Servable:
                 f"the response would carry {size} bytes of outputs, over the max_message_bytes limit of "
                 f"{self.max_bytes}; ask for fewer rows or outputs",
             )
-        return pb.PredictResponse(
-            id=request.id,
-            model=self.name,
-            model_version=self.version,
-            outputs=[encode(name, outputs[name]) for name in names],
-        )
+        return outputs
+
+    def _preprocess(self, inputs: Arrays) -> Arrays:
+        for where, step in self.preprocessors:
+            inputs = _call(where, self.name, step, inputs)
+        self.check_inputs(inputs, self.model.inputs, "after preprocessing: ")
+        return inputs
+
+    def _postprocess(self, outputs: Arrays, feeds: Arrays) -> Arrays:
+        for where, step in self.postprocessors:
+            outputs = _call(where, self.name, step, outputs, feeds)
+        missing = [name for name in self._output_names if name not in outputs]
+        if missing:
+            log.error("model %s: the postprocessors gave no output %s", self.name, ", ".join(missing))
+            raise SluiceError(
+                grpc.StatusCode.INTERNAL, f"model '{self.name}': postprocessing gave no {missing[0]!r}"
+            )
+        return outputs
 
     def decode_inputs(self, tensors: Sequence[pb.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
         """Checks every input against the signature and views it as an array.
@@ -76,7 +150,9 @@ class Servable:
             if name in arrays:
                 raise invalid(f"input '{name}' is given twice")
             shape = tuple(tensor.shape)
-            if tensor.datatype != spec.datatype or not spec.accepts(shape):
+            if (tensor.datatype != spec.datatype and not spec.takes(tensor.datatype)) or not spec.accepts(
+                shape
+            ):
                 raise invalid(
                     f"input '{name}': expected {spec.describe()}, got {type_name(tensor.datatype)} "
                     f"{format_shape(shape)}"
@@ -101,21 +177,58 @@ class Servable:
                     "max_message_bytes limit (SLUICE_MAX_MESSAGE_BYTES)",
                 )
             arrays[name] = decode(tensor, f"input '{name}'", limit)
-        if len(arrays) != len(self._inputs):
-            missing = [s for s in self._inputs.values() if s.name not in arrays]
+        if len(arrays) != len(inputs) or self.batching:
+            self._check_complete(arrays, inputs, "")
+        return arrays
+
+    def check_inputs(
+        self,
+        arrays: Mapping[str, npt.NDArray[Any]],
+        specs: Sequence[TensorSpec] | None = None,
+        prefix: str = "",
+    ) -> None:
+        """Checks arrays decoded by another protocol front end (or a preprocessor) against a signature:
+        the callers' (`self.inputs`) unless `specs` says otherwise. Messages are `decode_inputs`'s."""
+        by_name = self._inputs if specs is None else {s.name: s for s in specs}
+        listed = (
+            self._input_list if specs is None else ", ".join(f"'{s.name}' ({s.describe()})" for s in specs)
+        )
+        for name, array in arrays.items():
+            spec = by_name.get(name)
+            if spec is None:
+                raise invalid(f"{prefix}model '{self.name}' has no input '{name}'; it takes {listed}")
+            try:
+                datatype = datatype_of(array)
+            except TypeError:
+                raise invalid(
+                    f"{prefix}input '{name}': expected {spec.describe()}, got numpy {array.dtype}"
+                ) from None
+            if not spec.takes(datatype) or not spec.accepts(array.shape):
+                raise invalid(
+                    f"{prefix}input '{name}': expected {spec.describe()}, got {type_name(datatype)} "
+                    f"{format_shape(array.shape)}"
+                )
+        self._check_complete(arrays, by_name, prefix)
+
+    def _check_complete(
+        self, arrays: Mapping[str, npt.NDArray[Any]], specs: Mapping[str, TensorSpec], prefix: str
+    ) -> None:
+        if len(arrays) != len(specs):
+            missing = [s for s in specs.values() if s.name not in arrays]
             raise invalid(
-                "missing input " + ", ".join(f"'{s.name}': expected {s.describe()}" for s in missing)
+                prefix + "missing input " + ", ".join(f"'{s.name}': expected {s.describe()}" for s in missing)
             )
         if self.batching:
             rows = {name: a.shape[0] for name, a in arrays.items()}
             first = next(iter(rows.values()))
             if first < 1:
                 name = next(iter(rows))
-                raise invalid(f"input '{name}': the batch (first) dimension must be at least 1, got 0")
+                raise invalid(
+                    f"{prefix}input '{name}': the batch (first) dimension must be at least 1, got 0"
+                )
             if any(r != first for r in rows.values()):
                 detail = ", ".join(f"'{n}' has {r}" for n, r in rows.items())
-                raise invalid(f"inputs disagree on the batch (first) dimension: {detail} rows")
-        return arrays
+                raise invalid(f"{prefix}inputs disagree on the batch (first) dimension: {detail} rows")
 
     def output_names(self, wanted: Sequence[str]) -> tuple[str, ...]:
         """The outputs a request asked for, each once, in the order asked."""
@@ -132,19 +245,104 @@ class Servable:
         return pb.ModelVersionStatus(
             version=self.version,
             state=pb.MODEL_STATE_READY,
-            inputs=[s.to_proto() for s in self.model.inputs],
-            outputs=[s.to_proto() for s in self.model.outputs],
+            inputs=[s.to_proto() for s in self.inputs],
+            outputs=[s.to_proto() for s in self.outputs],
             max_batch_size=self.model.max_batch_size,
             providers=self.model.providers,
         )
 
-    def warm_up(self) -> None:
-        """Runs one synthesized request on every instance, so a model that cannot run fails at load, then
-        measures the model's run time for the runner."""
-        feeds = {spec.name: _example(spec) for spec in self.model.inputs}
-        for instance in range(len(self.model.sessions)):
-            self.model.run(instance, feeds)
-        self.runner.calibrate(feeds)
+    def warm_up(self, context: PluginContext) -> None:
+        """Runs the config's example requests through the whole pipeline on every instance (or, with none
+        listed, inputs synthesized from the model's signature), so a model that cannot run fails at load;
+        then measures the model's run time for the runner."""
+        synthesized = {spec.name: _example(spec) for spec in self.model.inputs}
+        examples = context.config.warmup
+        for index, example in enumerate(examples):
+            where = f"warmup[{index}]"
+            arrays = {name: _warmup_value(value, self._inputs.get(name), context, f"{where}.{name}")
+                      for name, value in example.items()}  # fmt: skip
+            try:
+                self.check_inputs(arrays)
+                feeds = self._preprocess(arrays)
+            except SluiceError as exc:
+                raise LoadError(f"{where}: {exc.message}") from None
+            self._warm(feeds, where)
+        if not examples:
+            self._warm(synthesized, "warm-up")
+        self.runner.calibrate(synthesized)
+
+    def _warm(self, feeds: Arrays, where: str) -> None:
+        for instance in range(self.model.instances):
+            try:
+                outputs = dict(self.model.run(instance, feeds))
+            except Exception as exc:
+                raise LoadError(f"{where}: the model failed on instance {instance}: {exc}") from exc
+            try:
+                self._postprocess(outputs, feeds)
+            except SluiceError as exc:
+                raise LoadError(f"{where}: postprocessing failed: {exc.message}") from None
+
+    def close(self) -> None:
+        self.runner.close()
+        self.model.close()
+        if self._plugins is not None:
+            self._plugins.shutdown(wait=False, cancel_futures=True)
+
+
+def _call(where: str, model: str, step: Any, *args: Arrays) -> Arrays:
+    """Runs one plugin step: its PluginError reaches the caller, anything else is logged and INTERNAL."""
+    try:
+        result = step(*args)
+    except SluiceError:
+        raise
+    except Exception:
+        log.exception("model %s: %s failed", model, where)
+        raise SluiceError(
+            grpc.StatusCode.INTERNAL, f"model '{model}': {where} failed; the server log has the details"
+        ) from None
+    if not isinstance(result, dict):
+        log.error("model %s: %s returned %s, not a dict of arrays", model, where, type(result).__name__)
+        raise SluiceError(
+            grpc.StatusCode.INTERNAL, f"model '{model}': {where} failed; the server log has the details"
+        )
+    return result
+
+
+def _signature(specs: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not specs or not all(isinstance(s, TensorSpec) for s in specs):
+        raise LoadError(f"{where}: expected a non-empty sequence of sluice.server.plugins.TensorSpec")
+    return tuple(specs)
+
+
+def _warmup_value(
+    value: Any, spec: TensorSpec | None, context: PluginContext, where: str
+) -> npt.NDArray[Any]:
+    """An example input from config.toml as an array shaped like `spec` (a batch of one when it batches)."""
+    if spec is None:
+        raise LoadError(f"{where}: the model takes no input of that name")
+    if isinstance(value, dict):
+        if set(value) == {"file"}:
+            path = context.resolve(value["file"])
+            try:
+                value = np.array([path.read_bytes()], dtype=object)
+            except OSError as exc:
+                raise LoadError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+        elif set(value) == {"npy"}:
+            path = context.resolve(value["npy"])
+            try:
+                value = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise LoadError(f"{where}: cannot read {path}: {exc}") from None
+        else:
+            raise LoadError(f"{where}: expected a value, {{ file = PATH }} or {{ npy = PATH }}, got {value}")
+    dtype = object if spec.dtype is None else spec.dtype
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{where}: cannot be read as {spec.describe()}: {exc}") from None
+    while array.ndim < len(spec.shape):
+        array = array[np.newaxis]
+    return array
 
 
 def _priority(request: pb.PredictRequest) -> int:
@@ -161,4 +359,6 @@ def _example(spec: TensorSpec) -> npt.NDArray[np.generic]:
     shape = tuple(1 if d == -1 else d for d in spec.shape)
     if spec.datatype == pb.DATA_TYPE_STRING:
         return np.full(shape, "", dtype=object)
+    if spec.datatype == pb.DATA_TYPE_BYTES:
+        return np.full(shape, b"", dtype=object)
     return np.zeros(shape, dtype=numpy_dtype(spec.datatype))

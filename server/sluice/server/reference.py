@@ -16,6 +16,7 @@ from sluice.server.config import (
     ExecutionConfig,
     ModelConfig,
     PadConfig,
+    PluginRef,
     TensorConfig,
 )
 from sluice.server.settings import ServerSettings
@@ -32,6 +33,8 @@ def _default(field: FieldInfo) -> str:
     value = field.default
     if value is None:
         return "unset"
+    if isinstance(value, PluginRef):
+        value = value.name
     if isinstance(value, str):
         return f'`"{value}"`'
     return f"`{value}`"

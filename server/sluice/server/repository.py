@@ -15,14 +15,15 @@ from pathlib import Path
 from sluice.server.config import ConfigError, ModelConfig, load_config
 from sluice.server.errors import not_found, unavailable
 from sluice.server.metrics import Metrics
+from sluice.server.model import load_model
 from sluice.server.pipeline import Servable
-from sluice.server.runtime import LoadError, OnnxModel, threads_per_session
+from sluice.server.plugins import LoadError, PluginContext, Postprocessor, Preprocessor, build
+from sluice.server.runtime import threads_per_session
 from sluice.server.scheduling import LoopLoad, ModelRunner, make_scheduler, measure_thread_hop
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
 
-MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 
 
@@ -125,12 +126,10 @@ class ModelRepository:
                     continue
                 versions = list(entry.config.versions)
             if not versions:
-                entry.reason = f"{path}: no version directory (<model>/<integer>/{MODEL_FILE}) found"
+                entry.reason = f"{path}: no version directory (<model>/<integer>/) found"
                 log.error("model %s failed: %s", entry.name, entry.reason)
                 continue
-            entry.versions = [
-                VersionEntry(v, path / str(v) / MODEL_FILE) for v in sorted(set(versions), reverse=True)
-            ]
+            entry.versions = [VersionEntry(v, path / str(v)) for v in sorted(set(versions), reverse=True)]
 
     async def load(self) -> None:
         """Loads every version in worker threads, so Health answers while big models load."""
@@ -157,8 +156,6 @@ class ModelRepository:
         config = entry.config
         started = time.monotonic()
         try:
-            if not version.path.is_file():
-                raise LoadError(f"{version.path}: no such file")
             servable = await asyncio.to_thread(self._build, entry.name, version, config, threads)
         except LoadError as exc:
             version.state, version.reason = pb.MODEL_STATE_FAILED, str(exc)
@@ -180,33 +177,58 @@ class ModelRepository:
         log.info(
             "model loaded name=%s version=%d providers=%s instances=%d threads=%d spinning=%s "
             "max_batch_size=%d %s load_ms=%.0f",
-            entry.name, version.version, ",".join(model.providers), len(model.sessions), model.threads,
+            entry.name, version.version, ",".join(model.providers), model.instances, model.threads,
             model.spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
 
     def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
         spin = config.execution.spin
         servable = self._servable(name, version, config, threads, spinning=spin != "off")
-        if spin == "auto" and servable.runner.inline_at_one_row():
+        if spin == "auto" and servable.model.spinning and servable.runner.inline_at_one_row():
             # Fast enough to run on the event loop: spinning pool threads would take its core. Such a model
             # is small, so building its sessions again costs little.
-            servable.runner.close()
+            servable.close()
             servable = self._servable(name, version, config, threads, spinning=False)
         return servable
 
     def _servable(
         self, name: str, version: VersionEntry, config: ModelConfig, threads: int, *, spinning: bool
     ) -> Servable:
-        model = OnnxModel(name, version.version, version.path, config, threads, spinning=spinning)
+        context = PluginContext(
+            model=name,
+            version=version.version,
+            model_dir=version.path.parent,
+            version_dir=version.path,
+            config=config,
+            threads=threads,
+            spinning=spinning,
+        )
+        pre: list[tuple[str, Preprocessor]] = [
+            (f"preprocess[{i}] ('{ref.name}')", build("preprocessors", ref, f"preprocess[{i}]", context))
+            for i, ref in enumerate(config.preprocess)
+        ]
+        post: list[tuple[str, Postprocessor]] = [
+            (f"postprocess[{i}] ('{ref.name}')", build("postprocessors", ref, f"postprocess[{i}]", context))
+            for i, ref in enumerate(config.postprocess)
+        ]
+        model = load_model(context)
         inline = config.execution.inline_max_us
         runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
         scheduler = make_scheduler(runner, self.metrics.model(name), self.loop_load)
-        servable = Servable(model, runner, scheduler, self.max_bytes)
         try:
-            servable.warm_up()
-        except Exception as exc:
+            servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)
+        except Exception:
             runner.close()
-            raise LoadError(f"warm-up run failed: {exc}") from exc
+            model.close()
+            raise
+        try:
+            servable.warm_up(context)
+        except LoadError:
+            servable.close()
+            raise
+        except Exception as exc:
+            servable.close()
+            raise LoadError(f"warm-up failed: {exc}") from exc
         return servable
 
     def resolve(self, name: str, version: int | None) -> Servable:

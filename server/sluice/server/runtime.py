@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: choosing providers, sharing cores, and describing a graph's inputs and outputs."""
+"""The `onnx` runtime: ONNX Runtime sessions, choosing providers, sharing cores, and a graph's signature."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field
 
 from sluice.server.config import ModelConfig
-from sluice.server.tensors import format_shape, numpy_dtype, type_name
+from sluice.server.plugins import LoadError, PluginContext, TensorSpec
+from sluice.server.tensors import format_shape
 from sluice.v1 import inference_pb2 as pb
+
+__all__ = ["LoadError", "OnnxModel", "TensorSpec", "cuda_unavailable_reason", "resolve_providers"]
 
 log = logging.getLogger("sluice.server")
 
@@ -35,43 +38,6 @@ _ORT_TYPES: dict[str, int] = {
     "tensor(double)": pb.DATA_TYPE_FP64,
     "tensor(string)": pb.DATA_TYPE_STRING,
 }
-
-
-class LoadError(Exception):
-    """A model version that cannot be served; the message says why, for logs and Health."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """What a model takes or gives under one name; -1 marks a free dimension."""
-
-    name: str
-    graph_name: str
-    datatype: int
-    shape: tuple[int, ...]
-    dtype: np.dtype[np.generic] | None = field(init=False)
-    """numpy dtype of a numeric tensor; None for STRING."""
-    _fixed: tuple[tuple[int, int], ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        dtype = None if self.datatype == pb.DATA_TYPE_STRING else numpy_dtype(self.datatype)
-        object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(self, "_fixed", tuple((i, d) for i, d in enumerate(self.shape) if d != -1))
-
-    def accepts(self, shape: tuple[int, ...]) -> bool:
-        """Whether a tensor of `shape` fits: same rank, and every fixed dimension matches."""
-        if len(shape) != len(self.shape):
-            return False
-        for axis, size in self._fixed:  # noqa: SIM110 (a plain loop: this runs per request, all() is slower)
-            if shape[axis] != size:
-                return False
-        return True
-
-    def describe(self) -> str:
-        return f"{type_name(self.datatype)} {format_shape(self.shape)}"
-
-    def to_proto(self) -> pb.TensorSpec:
-        return pb.TensorSpec(name=self.name, datatype=self.datatype, shape=self.shape)  # type: ignore[arg-type]
 
 
 @functools.cache
@@ -118,33 +84,39 @@ def threads_per_session(total: int, sessions: int) -> int:
     return max(1, cores // max(1, sessions))
 
 
-class OnnxModel:
-    """One model version: its sessions (one per instance) and the signature callers see."""
+class OnnxOptions(BaseModel):
+    """Options of the `onnx` runtime."""
 
-    def __init__(
-        self,
-        name: str,
-        version: int,
-        path: Path,
-        config: ModelConfig,
-        threads: int,
-        *,
-        spinning: bool = True,
-    ) -> None:
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(default="model.onnx", min_length=1, description="Model file in the version directory.")
+
+
+class OnnxModel:
+    """The `onnx` runtime: one model version, one ONNX Runtime session per instance."""
+
+    Options = OnnxOptions
+
+    def __init__(self, options: OnnxOptions, context: PluginContext) -> None:
+        name, version, config = context.model, context.version, context.config
+        path = context.version_dir / options.file
+        threads, spinning = context.threads, context.spinning
+        if not path.is_file():
+            raise LoadError(f"{path}: no such file")
         self.name = name
         self.version = version
         self.config = config
         execution = config.execution
         self.providers_requested = resolve_providers(execution.providers, name)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = execution.intra_op_threads or threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = execution.intra_op_threads or threads
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.log_severity_level = 3
         # Spinning pool threads answer a parallel section at once instead of being woken (about 1 ms saved
         # per run of a 50-op transformer here), but they burn a core between sections, which starves the
         # event loop when the model is small enough to run on it (see repository._build).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.spinning = spinning
         provider_options: list[dict[str, str]] = [
             {"device_id": str(execution.cuda_device)} if p == "CUDAExecutionProvider" else {}
@@ -159,7 +131,7 @@ class OnnxModel:
             try:
                 session = ort.InferenceSession(
                     data,
-                    sess_options=options,
+                    sess_options=session_options,
                     providers=self.providers_requested,
                     provider_options=provider_options,
                 )
@@ -173,21 +145,22 @@ class OnnxModel:
             raise LoadError("execution.providers = 'cuda' but ONNX Runtime could not create a CUDA session")
         self.inputs = _specs(self.sessions[0].get_inputs(), config, "inputs", path)
         self.outputs = _specs(self.sessions[0].get_outputs(), config, "outputs", path)
-        self.max_batch_size = _batch_size(self, config)
-        self.threads = options.intra_op_num_threads
+        self.instances = len(self.sessions)
+        self.threads = session_options.intra_op_num_threads
         self._renamed_inputs = any(s.name != s.graph_name for s in self.inputs)
         self._graph_outputs = [s.graph_name for s in self.outputs]
         self._output_names = [s.name for s in self.outputs]
 
-    def run(
-        self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
-    ) -> dict[str, npt.NDArray[np.generic]]:
+    def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
         session = self.sessions[instance]
         if self._renamed_inputs:
             feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
         results = session.run(self._graph_outputs, feeds)
         return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        """Nothing to do: the sessions are freed with the model."""
 
     def describe(self) -> str:
         inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)
@@ -218,7 +191,7 @@ def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: P
             public = override.name or node.name
             if override.shape is not None:
                 shape = _constrain(shape, override.shape, f"config {kind}.{node.name}.shape")
-        specs.append(TensorSpec(public, node.name, datatype, shape))
+        specs.append(TensorSpec(public, datatype, shape, node.name))
     seen = set()
     for spec in specs:
         if spec.name in seen:
@@ -241,20 +214,6 @@ def _constrain(graph: tuple[int, ...], wanted: list[int], where: str) -> tuple[i
             )
         out.append(g if w == -1 else w)
     return tuple(out)
-
-
-def _batch_size(model: OnnxModel, config: ModelConfig) -> int:
-    """Rows per run: batching needs every input and output to have a free first dimension."""
-    fixed = [s.name for s in (*model.inputs, *model.outputs) if not s.shape or s.shape[0] != -1]
-    wanted = config.batching.max_batch_size
-    if wanted is None:
-        return 0 if fixed else 32
-    if wanted > 0 and fixed:
-        raise LoadError(
-            f"config batching.max_batch_size = {wanted}, but {', '.join(fixed)} has no free first (batch) "
-            "dimension; set it to 0 or export the model with a dynamic batch axis"
-        )
-    return wanted
 
 
 def _first_line(exc: BaseException) -> str:

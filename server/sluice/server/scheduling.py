@@ -22,7 +22,7 @@ from sluice.batcher import (
     PadSpec,
     QueueFullError,
 )
-from sluice.server.runtime import OnnxModel
+from sluice.server.model import LoadedModel
 
 Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -81,11 +81,11 @@ class ModelRunner:
     behind the busy loop and grow slower still.
     """
 
-    def __init__(self, model: OnnxModel, inline_limit: float) -> None:
+    def __init__(self, model: LoadedModel, inline_limit: float) -> None:
         self.model = model
         self.inline_limit = inline_limit
         self.executor = ThreadPoolExecutor(
-            max_workers=len(model.sessions), thread_name_prefix=f"sluice-{model.name}-{model.version}"
+            max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
         )
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
@@ -112,7 +112,9 @@ class ModelRunner:
         """Expected seconds to run `feeds`."""
         return self._fixed + self._per_element * _elements(feeds)
 
-    async def run(self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]) -> Arrays:
+    async def run(
+        self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
@@ -129,7 +131,7 @@ def _elements(feeds: Mapping[str, npt.NDArray[np.generic]]) -> int:
     return total
 
 
-def _median_run(model: OnnxModel, feeds: Mapping[str, npt.NDArray[np.generic]], repeats: int = 7) -> float:
+def _median_run(model: LoadedModel, feeds: Mapping[str, npt.NDArray[np.generic]], repeats: int = 7) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -144,7 +146,7 @@ def make_scheduler(
     """A batcher for models with a batch dimension, a plain concurrency limit for the others."""
     model = runner.model
     config = model.config
-    instances = len(model.sessions)
+    instances = model.instances
     if model.max_batch_size == 0:
         queue = config.batching.max_queue_rows or 32 * instances
         return DirectScheduler(runner, max_queued=queue, name=model.name)
@@ -177,7 +179,7 @@ class DirectScheduler:
         self._runner = runner
         self._name = name
         self._max_queued = max_queued
-        self._free = list(range(len(runner.model.sessions)))
+        self._free = list(range(runner.model.instances))
         self._ready = asyncio.Condition()
         self._waiting = 0
         self._running = 0

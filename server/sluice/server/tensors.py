@@ -47,14 +47,23 @@ def type_name(datatype: DataType) -> str:
 _BY_DTYPE: dict[np.dtype[np.generic], int] = {d: t for t, d in _NUMERIC.items()}
 
 
+_VARIABLE = (pb.DATA_TYPE_STRING, pb.DATA_TYPE_BYTES)
+
+
 def datatype_of(array: npt.NDArray[np.generic]) -> DataType:
-    """Wire data type of a numpy array; strings and bytes (object, U or S arrays) are STRING."""
+    """Wire data type of a numpy array: U arrays, and object arrays of str, are STRING; S arrays, and
+    object arrays whose first element is bytes, are BYTES."""
     found = _BY_DTYPE.get(array.dtype)
     if found is not None:
         return found
     kind = array.dtype.kind
-    if kind in "OUS":
+    if kind == "U":
         return pb.DATA_TYPE_STRING
+    if kind == "S":
+        return pb.DATA_TYPE_BYTES
+    if kind == "O":
+        first = array.flat[0] if array.size else ""
+        return pb.DATA_TYPE_BYTES if isinstance(first, bytes | bytearray) else pb.DATA_TYPE_STRING
     datatype = _BY_KIND.get((kind, array.dtype.itemsize))
     if datatype is None:
         raise TypeError(f"no wire data type for numpy dtype {array.dtype}")
@@ -62,8 +71,8 @@ def datatype_of(array: npt.NDArray[np.generic]) -> DataType:
 
 
 def numpy_dtype(datatype: DataType) -> np.dtype[np.generic]:
-    """numpy dtype that holds a wire data type (object for STRING)."""
-    if datatype == pb.DATA_TYPE_STRING:
+    """numpy dtype that holds a wire data type (object for STRING and BYTES)."""
+    if datatype in _VARIABLE:
         return np.dtype(object)
     return _NUMERIC[datatype]
 
@@ -80,7 +89,7 @@ def decode(tensor: pb.Tensor, what: str, max_bytes: int) -> npt.NDArray[np.gener
     densify to, so a tiny message cannot ask for a huge allocation.
     """
     datatype = tensor.datatype
-    if datatype != pb.DATA_TYPE_STRING and datatype not in _NUMERIC:
+    if datatype not in _VARIABLE and datatype not in _NUMERIC:
         raise invalid(f"{what}: datatype must be set to one of {_type_list()}, got {type_name(datatype)}")
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
@@ -90,8 +99,9 @@ def decode(tensor: pb.Tensor, what: str, max_bytes: int) -> npt.NDArray[np.gener
         if tensor.raw_contents:
             raise invalid(f"{what}: set either raw_contents or sparse, not both")
         return _decode_sparse(tensor.sparse, datatype, shape, count, what, max_bytes)
-    if datatype == pb.DATA_TYPE_STRING:
-        return decode_strings(tensor.raw_contents, count, what).reshape(shape)
+    if datatype in _VARIABLE:
+        text = datatype == pb.DATA_TYPE_STRING
+        return decode_strings(tensor.raw_contents, count, what, text=text).reshape(shape)
     dtype = _NUMERIC[datatype]
     raw = tensor.raw_contents
     expected = count * dtype.itemsize
@@ -103,8 +113,8 @@ def decode(tensor: pb.Tensor, what: str, max_bytes: int) -> npt.NDArray[np.gener
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def decode_strings(raw: bytes, count: int, what: str) -> npt.NDArray[np.object_]:
-    """Parses `count` length-prefixed UTF-8 strings into an object array of str."""
+def decode_strings(raw: bytes, count: int, what: str, *, text: bool = True) -> npt.NDArray[np.object_]:
+    """Parses `count` length-prefixed elements into an object array: str (UTF-8) when `text`, else bytes."""
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -122,7 +132,7 @@ def decode_strings(raw: bytes, count: int, what: str) -> npt.NDArray[np.object_]
                 f"only {len(raw) - offset} remain"
             )
         try:
-            out[i] = str(view[offset : offset + length], "utf-8")
+            out[i] = str(view[offset : offset + length], "utf-8") if text else raw[offset : offset + length]
         except UnicodeDecodeError as exc:
             raise invalid(f"{what}: element {i} is not valid UTF-8 text ({exc.reason})") from None
         offset += length
@@ -137,7 +147,7 @@ def encode_strings(array: npt.NDArray[np.generic]) -> bytes:
     """Length-prefixes every element (str as UTF-8, bytes as they are) in row-major order."""
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        data = bytes(item) if isinstance(item, bytes | bytearray) else str(item).encode("utf-8")
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -146,7 +156,7 @@ def encode_strings(array: npt.NDArray[np.generic]) -> bytes:
 def encode(name: str, array: npt.NDArray[np.generic]) -> pb.Tensor:
     """Builds a wire tensor from an array (one copy, into the message's bytes)."""
     datatype = datatype_of(array)
-    if datatype == pb.DATA_TYPE_STRING:
+    if datatype in _VARIABLE:
         raw = encode_strings(array)
     else:
         if array.dtype.byteorder == ">":
@@ -181,15 +191,18 @@ def _decode_sparse(
             f"{format_shape(shape)}"
         )
     dtype = numpy_dtype(datatype)
-    itemsize = 8 if datatype == pb.DATA_TYPE_STRING else dtype.itemsize
+    itemsize = 8 if datatype in _VARIABLE else dtype.itemsize
     if count * itemsize > max_bytes:
         raise invalid(
             f"{what}: dense shape {format_shape(shape)} would take {count * itemsize} bytes, over the "
             f"max_message_bytes limit of {max_bytes}"
         )
-    if datatype == pb.DATA_TYPE_STRING:
-        values: npt.NDArray[np.generic] = decode_strings(sparse.values, nnz, f"{what} sparse values")
-        dense: npt.NDArray[np.generic] = np.full(shape, "", dtype=object)
+    if datatype in _VARIABLE:
+        text = datatype == pb.DATA_TYPE_STRING
+        values: npt.NDArray[np.generic] = decode_strings(
+            sparse.values, nnz, f"{what} sparse values", text=text
+        )
+        dense: npt.NDArray[np.generic] = np.full(shape, "" if text else b"", dtype=object)
     else:
         if len(sparse.values) != nnz * dtype.itemsize:
             raise invalid(
@@ -203,5 +216,5 @@ def _decode_sparse(
 
 
 def _type_list() -> str:
-    names = [type_name(t) for t in (*_NUMERIC, pb.DATA_TYPE_STRING)]
+    names = [type_name(t) for t in (*_NUMERIC, *_VARIABLE)]
     return ", ".join(names)
