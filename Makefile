@@ -10,10 +10,10 @@ PROTOS := proto/sluice/v1/inference.proto
 NPM := $(shell command -v npm 2>/dev/null)
 NODE_DEPS := $(if $(NPM),tests/node/node_modules/.installed)
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml tests/plugin_package/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]" ./tests/plugin_package
 	touch $@
 
 serve: $(BIN)/.installed  ## Serve the bundled example repository on 127.0.0.1:8001 (metrics on :8002).
