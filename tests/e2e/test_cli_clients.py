@@ -11,9 +11,13 @@ import numpy as np
 import onnxruntime as ort
 
 from sluice.server.app import SluiceServer
-from support import DIGITS_ONNX
+from support import DIGITS_DIR, DIGITS_ONNX
 
 ROWS = np.random.default_rng(5).integers(0, 17, size=(3, 64)).astype(np.float32)
+# The bundled repository's models, as the server finds them (examples gain models over time).
+BUNDLED = sorted(
+    p.name for p in DIGITS_DIR.parent.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+)
 
 
 async def sluice(*args: str) -> tuple[int, str, str]:
@@ -56,11 +60,13 @@ async def test_predict_error_is_reported(server: SluiceServer) -> None:
 async def test_health_and_models(server: SluiceServer) -> None:
     code, out, err = await sluice("health", "--target", server.address)
     assert code == 0, err
-    assert out.splitlines() == ["server SERVING", "  digits: READY"]
+    assert out.splitlines() == ["server SERVING", *(f"  {name}: READY" for name in BUNDLED)]
     code, out, err = await sluice("models", "--target", server.address, "--json")
     assert code == 0, err
-    (digits,) = json.loads(out)
-    assert digits["name"] == "digits"
+    models = {m["name"]: m for m in json.loads(out)}
+    assert sorted(models) == BUNDLED
+    digits = models["digits"]
     assert digits["versions"][0]["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
     code, out, _ = await sluice("models", "--target", server.address)
     assert "    in  pixels: FP32 [-1, 64]" in out.splitlines()
+    assert "    in  image: BYTES [-1]" in out.splitlines()

@@ -17,6 +17,7 @@ from sluice.batcher import (
     BatcherConfig,
     BatchInputError,
     BatchTooLargeError,
+    CooArray,
     DeadlineExpiredError,
     ModelRunError,
     OutputMismatchError,
@@ -538,3 +539,25 @@ def test_bad_settings_are_refused_at_construction(options: dict[str, Any], messa
 def test_pad_axis_zero_is_the_batch() -> None:
     with pytest.raises(ValueError, match="axis 0 is the batch"):
         PadSpec(axis=0, dim="seq")
+
+
+async def test_sparse_inputs_batch_as_coo_with_row_indices_offset(make: Make) -> None:
+    model = FakeModel()
+
+    def answer(inputs: dict[str, Any]) -> Mapping[str, Any]:
+        coo = inputs["x"]
+        assert isinstance(coo, CooArray)  # never densified on the way
+        return {"y": coo.todense().sum(axis=1)}
+
+    model.answer = answer
+    batcher = make(model, max_delay=60.0, max_batch_size=3)  # runs once all three rows are in
+    dense = [np.array([[0, 3, 0]], dtype=np.float32), np.array([[1, 0, 0], [0, 0, 5]], dtype=np.float32)]
+    coo: list[Any] = [CooArray.from_dense(d) for d in dense]
+    results = await within(asyncio.gather(*(batcher.submit({"x": c}) for c in coo)))
+    assert len(model.batches) == 1
+    batch = model.batches[0]["x"]
+    assert isinstance(batch, CooArray)
+    assert batch.shape == (3, 3)
+    np.testing.assert_array_equal(batch.todense(), np.concatenate(dense))
+    np.testing.assert_array_equal(results[0]["y"], [3])
+    np.testing.assert_array_equal(results[1]["y"], [1, 5])

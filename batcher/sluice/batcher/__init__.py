@@ -19,6 +19,7 @@ from sluice.batcher.errors import (
 from sluice.batcher.observer import BatchObserver, NullObserver
 from sluice.batcher.pending import Array, Arrays
 from sluice.batcher.policy import Estimates
+from sluice.batcher.sparse import CooArray
 
 __all__ = [
     "Array",
@@ -30,6 +31,7 @@ __all__ = [
     "BatcherClosedError",
     "BatcherConfig",
     "BatcherError",
+    "CooArray",
     "DeadlineExpiredError",
     "Estimates",
     "ModelRunError",

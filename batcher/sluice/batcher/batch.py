@@ -15,6 +15,7 @@ import numpy as np
 
 from sluice.batcher.config import PadSpec
 from sluice.batcher.pending import Array, Pending
+from sluice.batcher.sparse import CooArray
 
 T = TypeVar("T")
 
@@ -47,7 +48,9 @@ class Batch:
         batched: dict[str, Array] = {}
         for name, first in members[0].inputs.items():
             specs = pad.get(name)
-            if specs is None:
+            if isinstance(first, CooArray):
+                batched[name] = CooArray.concat([member.inputs[name] for member in members])  # type: ignore[assignment, misc]
+            elif specs is None:
                 batched[name] = np.concatenate([member.inputs[name] for member in members])
             else:
                 batched[name] = self._padded(name, first, specs)

@@ -33,6 +33,7 @@ from sluice.batcher.errors import (
 from sluice.batcher.observer import BatchObserver, NullObserver
 from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
 from sluice.batcher.policy import Estimates, LoadModel, make_policy
+from sluice.batcher.sparse import CooArray
 
 RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 """(instance index, batched inputs) -> batched outputs, one row per input row."""
@@ -270,7 +271,7 @@ class Batcher:
         key: list[tuple[str, str, tuple[int | None, ...]]] = []
         for name in sorted(inputs):
             array = inputs[name]
-            if not isinstance(array, np.ndarray):
+            if not isinstance(array, np.ndarray | CooArray):
                 raise BatchInputError(
                     f"model '{self._name}': input '{name}' is a {type(array).__name__}, not a numpy array"
                 )
@@ -288,8 +289,14 @@ class Batcher:
                     f"'{first}' has {rows} rows, '{name}' has {shape[0]}"
                 )
             specs = pad.get(name) if lengths is not None else None
-            if specs is None:
-                key.append((name, array.dtype.str, shape[1:]))
+            if specs is None or isinstance(array, CooArray):
+                key.append(
+                    (
+                        name,
+                        "coo" + array.dtype.str if isinstance(array, CooArray) else array.dtype.str,
+                        shape[1:],
+                    )
+                )
                 continue
             assert lengths is not None
             tail: list[int | None] = list(shape[1:])
@@ -450,8 +457,8 @@ class Batcher:
             problem = batch.mismatch(outputs, self._crop)
             if problem is not None:
                 message = f"model '{name}': {problem}"
-                error = OutputMismatchError(message)
-                batch.fail(lambda: OutputMismatchError(message))
+                error = OutputMismatchError(message, model=self._name)
+                batch.fail(lambda: OutputMismatchError(message, model=self._name))
             else:
                 batch.deliver(outputs, self._crop)
                 self._load.on_run(batch.rows, run_time)
@@ -500,6 +507,6 @@ class Batcher:
 
 
 def _run_error(name: str, cause: Exception) -> ModelRunError:
-    error = ModelRunError(f"model '{name}' failed: {type(cause).__name__}: {cause}")
+    error = ModelRunError(f"model '{name}' failed: {type(cause).__name__}: {cause}", model=name)
     error.__cause__ = cause
     return error

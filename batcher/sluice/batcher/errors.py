@@ -32,7 +32,15 @@ class BatcherClosedError(BatcherError):
 
 
 class ModelRunError(BatcherError):
-    """The model's run function raised; `__cause__` is what it raised. Only that batch fails."""
+    """The model's run function raised; `__cause__` is what it raised. Only that batch fails.
+
+    The message is for the log: it may quote the model's own exception. A server shows callers only that
+    `model` failed.
+    """
+
+    def __init__(self, message: str, *, model: str = "") -> None:
+        super().__init__(message)
+        self.model = model
 
 
 class OutputMismatchError(ModelRunError):

@@ -41,8 +41,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("predict", parents=[common], help="run a model on inputs from .npy files or JSON")
     p.add_argument("model", help="model name")
     p.add_argument(
-        "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy|JSON",
-        help="an input: a .npy file, a JSON array (cast to the model's type), or @FILE.json (repeatable)",
+        "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy|JSON|@FILE",
+        help="an input: a .npy file, a JSON array (cast to the model's type), @FILE.json, or @FILE sent "
+        "as one BYTES element (an image, say) (repeatable)",
     )  # fmt: skip
     p.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="outputs to return")
     p.add_argument("--version", type=int, default=None, help="model version (default: the highest ready)")
@@ -76,11 +77,17 @@ def _run(args: argparse.Namespace, work: Any) -> int:
 def _parse_input(text: str, specs: dict[str, pb.TensorSpec]) -> tuple[str, npt.NDArray[Any]]:
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise ValueError(f"--input {text!r}: expected NAME=FILE.npy, NAME=JSON or NAME=@FILE.json")
+        raise ValueError(
+            f"--input {text!r}: expected NAME=FILE.npy, NAME=JSON, NAME=@FILE.json or NAME=@FILE (its bytes)"
+        )
     if value.endswith(".npy"):
         return name, np.load(value, allow_pickle=False)
-    data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
     spec = specs.get(name)
+    if value.startswith("@") and not value.endswith(".json"):
+        # Any other file is sent as it is: one BYTES element (an encoded image, say) per --input.
+        rank = len(spec.shape) if spec is not None else 1
+        return name, np.array([Path(value[1:]).read_bytes()], dtype=object).reshape((1,) * max(rank, 1))
+    data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
     dtype = numpy_dtype(spec.datatype) if spec is not None else None
     return name, np.asarray(data, dtype=dtype)
 

@@ -29,21 +29,24 @@ _LENGTH = struct.Struct("<I")
 
 
 def numpy_dtype(datatype: int) -> np.dtype[Any]:
-    """The numpy dtype that holds a wire data type (object for STRING)."""
-    if datatype == pb.DATA_TYPE_STRING:
+    """The numpy dtype that holds a wire data type (object for STRING and BYTES)."""
+    if datatype in (pb.DATA_TYPE_STRING, pb.DATA_TYPE_BYTES):
         return np.dtype(object)
     return _DTYPES[datatype]  # type: ignore[index]
 
 
 def to_tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
-    """A wire tensor holding `array`; str/bytes/object arrays become STRING tensors."""
+    """A wire tensor holding `array`: str arrays become STRING tensors, bytes arrays (dtype S, or object with
+    bytes elements: encoded images, say) BYTES tensors."""
     a = np.asarray(array)
     if a.dtype.kind in "OUS":
         parts = []
         for item in a.reshape(-1):
-            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            data = bytes(item) if isinstance(item, bytes | bytearray) else str(item).encode("utf-8")
             parts.append(_LENGTH.pack(len(data)) + data)
-        return pb.Tensor(name=name, datatype=pb.DATA_TYPE_STRING, shape=a.shape, raw_contents=b"".join(parts))
+        binary = a.dtype.kind == "S" or (a.dtype.kind == "O" and a.size > 0 and isinstance(a.flat[0], bytes))
+        variable = pb.DATA_TYPE_BYTES if binary else pb.DATA_TYPE_STRING
+        return pb.Tensor(name=name, datatype=variable, shape=a.shape, raw_contents=b"".join(parts))
     datatype = _BY_KIND.get((a.dtype.kind, a.dtype.itemsize))
     if datatype is None:
         raise TypeError(f"tensor '{name}': numpy dtype {a.dtype} has no Sluice data type")
@@ -54,13 +57,15 @@ def to_tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
 def to_array(tensor: pb.Tensor) -> npt.NDArray[Any]:
     """The array a wire tensor holds (numeric tensors share the message's memory, read-only)."""
     shape = tuple(tensor.shape)
-    if tensor.datatype == pb.DATA_TYPE_STRING:
+    if tensor.datatype in (pb.DATA_TYPE_STRING, pb.DATA_TYPE_BYTES):
+        text = tensor.datatype == pb.DATA_TYPE_STRING
         raw = tensor.raw_contents
         out = np.empty(int(np.prod(shape)), dtype=object)
         offset = 0
         for i in range(out.size):
             (length,) = _LENGTH.unpack_from(raw, offset)
-            out[i] = raw[offset + 4 : offset + 4 + length].decode("utf-8")
+            item = raw[offset + 4 : offset + 4 + length]
+            out[i] = item.decode("utf-8") if text else item
             offset += 4 + length
         return out.reshape(shape)
     return np.frombuffer(tensor.raw_contents, dtype=_DTYPES[tensor.datatype]).reshape(shape)

@@ -18,7 +18,8 @@ from sluice.batcher import (
 
 log = logging.getLogger("sluice.server")
 
-INTERNAL_MESSAGE = "internal server error; the server log has the details"
+LOG_HINT = "the server log has the details"
+INTERNAL_MESSAGE = f"internal server error; {LOG_HINT}"
 
 
 class SluiceError(Exception):
@@ -72,6 +73,7 @@ def to_status(exc: BaseException, context: str) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, ModelRunError):
             # The model's own failure: say which model failed, keep its internals in the log.
             log.error("%s: %s", context, exc, exc_info=exc.__cause__ or exc)
+            return code, f"model '{exc.model}' failed to run this request's batch; {LOG_HINT}"
         return code, str(exc)
     log.error("%s: unexpected error", context, exc_info=exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

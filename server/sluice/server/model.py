@@ -22,11 +22,15 @@ class LoadedModel:
         where = f"runtime '{context.config.runtime.name}'"
         self.inputs: tuple[TensorSpec, ...] = _checked(getattr(runtime, "inputs", None), f"{where} inputs")
         self.outputs: tuple[TensorSpec, ...] = _checked(getattr(runtime, "outputs", None), f"{where} outputs")
+        sparse = [s.name for s in self.outputs if s.sparse]
+        if sparse:
+            raise LoadError(f"{where} outputs: {', '.join(sparse)} declared sparse; outputs are dense arrays")
         instances = getattr(runtime, "instances", 1)
         if not isinstance(instances, int) or instances < 1:
             raise LoadError(f"{where}: instances must be an int >= 1, got {instances!r}")
         self.instances = instances
-        self.providers: list[str] = list(getattr(runtime, "providers", ["unknown"]))
+        providers = getattr(runtime, "providers", ["unknown"])
+        self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         self.threads: int = getattr(runtime, "threads", context.threads)
         self.spinning: bool = bool(getattr(runtime, "spinning", False))
         self.max_batch_size = _batch_size(self.inputs, self.outputs, context.config)
@@ -35,7 +39,9 @@ class LoadedModel:
         return self.runtime.run(instance, feeds)
 
     def close(self) -> None:
-        self.runtime.close()
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            close()
 
     def describe(self) -> str:
         inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)
@@ -49,7 +55,9 @@ def load_model(context: PluginContext) -> LoadedModel:
     try:
         return LoadedModel(runtime, context)
     except Exception:
-        runtime.close()
+        close = getattr(runtime, "close", None)
+        if close is not None:
+            close()
         raise
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,11 +14,20 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from sluice.batcher import CooArray
 from sluice.server.errors import SluiceError, invalid
 from sluice.server.model import LoadedModel
 from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocessor, Preprocessor, TensorSpec
 from sluice.server.scheduling import ModelRunner, Scheduler
-from sluice.server.tensors import datatype_of, decode, encode, format_shape, numpy_dtype, type_name
+from sluice.server.tensors import (
+    datatype_of,
+    decode,
+    decode_coo,
+    encode,
+    format_shape,
+    numpy_dtype,
+    type_name,
+)
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -47,10 +56,10 @@ class Servable:
         self.postprocessors = tuple(postprocessors)
         inputs: Sequence[TensorSpec] = model.inputs
         for where, pre in reversed(self.preprocessors):
-            inputs = _signature(pre.signature(inputs), f"{where} signature")
+            inputs = _signature(pre.signature, inputs, where)
         outputs: Sequence[TensorSpec] = model.outputs
         for where, post in self.postprocessors:
-            outputs = _signature(post.signature(outputs), f"{where} signature")
+            outputs = _signature(post.signature, outputs, where)
         self.inputs: tuple[TensorSpec, ...] = tuple(inputs)
         """What callers send: the first preprocessor's inputs, or the model's."""
         self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
@@ -158,7 +167,7 @@ class Servable:
                     f"{format_shape(shape)}"
                 )
             dtype = spec.dtype
-            if dtype is not None and not tensor.HasField("sparse"):
+            if dtype is not None and not tensor.HasField("sparse") and not spec.sparse:
                 raw = tensor.raw_contents
                 size += len(raw)
                 if (
@@ -176,7 +185,8 @@ class Servable:
                     f"the request carries more than {limit} bytes of tensors, over the server's "
                     "max_message_bytes limit (SLUICE_MAX_MESSAGE_BYTES)",
                 )
-            arrays[name] = decode(tensor, f"input '{name}'", limit)
+            what = f"input '{name}'"
+            arrays[name] = decode_coo(tensor, what, limit) if spec.sparse else decode(tensor, what, limit)  # type: ignore[assignment]
         if len(arrays) != len(inputs) or self.batching:
             self._check_complete(arrays, inputs, "")
         return arrays
@@ -197,8 +207,11 @@ class Servable:
             spec = by_name.get(name)
             if spec is None:
                 raise invalid(f"{prefix}model '{self.name}' has no input '{name}'; it takes {listed}")
+            if isinstance(array, CooArray) != spec.sparse:
+                form = "a sparse CooArray" if spec.sparse else "a dense array"
+                raise invalid(f"{prefix}input '{name}': expected {form}, got {type(array).__name__}")
             try:
-                datatype = datatype_of(array)
+                datatype = datatype_of(array.values if isinstance(array, CooArray) else array)
             except TypeError:
                 raise invalid(
                     f"{prefix}input '{name}': expected {spec.describe()}, got numpy {array.dtype}"
@@ -308,9 +321,18 @@ def _call(where: str, model: str, step: Any, *args: Arrays) -> Arrays:
     return result
 
 
-def _signature(specs: Any, where: str) -> tuple[TensorSpec, ...]:
+def _signature(
+    signature: Callable[[Sequence[TensorSpec]], Sequence[TensorSpec]], given: Sequence[TensorSpec], where: str
+) -> tuple[TensorSpec, ...]:
+    """Asks one plugin for its signature; its failures name it, as constructor failures do."""
+    try:
+        specs = signature(given)
+    except LoadError as exc:
+        raise LoadError(f"{where}: {exc}") from None
+    except Exception as exc:
+        raise LoadError(f"{where}: signature() raised {type(exc).__name__}: {exc}") from exc
     if not specs or not all(isinstance(s, TensorSpec) for s in specs):
-        raise LoadError(f"{where}: expected a non-empty sequence of sluice.server.plugins.TensorSpec")
+        raise LoadError(f"{where}: signature() must return a non-empty sequence of TensorSpec, got {specs!r}")
     return tuple(specs)
 
 
@@ -357,6 +379,10 @@ def _priority(request: pb.PredictRequest) -> int:
 
 def _example(spec: TensorSpec) -> npt.NDArray[np.generic]:
     shape = tuple(1 if d == -1 else d for d in spec.shape)
+    if spec.sparse:
+        dtype = object if spec.dtype is None else spec.dtype
+        empty = CooArray(np.empty((0, len(shape)), dtype=np.int64), np.empty(0, dtype=dtype), shape)
+        return empty  # type: ignore[return-value]
     if spec.datatype == pb.DATA_TYPE_STRING:
         return np.full(shape, "", dtype=object)
     if spec.datatype == pb.DATA_TYPE_BYTES:

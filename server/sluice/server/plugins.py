@@ -95,6 +95,8 @@ class TensorSpec:
     datatype: int
     shape: tuple[int, ...]
     graph_name: str = ""
+    sparse: bool = False
+    """Whether the step takes this input as a `CooArray` (indices and values) instead of a dense array."""
     dtype: np.dtype[Any] | None = field(init=False)
     """numpy dtype of a numeric tensor; None for STRING and BYTES (object arrays of str and bytes)."""
     _fixed: tuple[tuple[int, int], ...] = field(init=False)
@@ -109,9 +111,9 @@ class TensorSpec:
         object.__setattr__(self, "_fixed", tuple((i, d) for i, d in enumerate(self.shape) if d != -1))
 
     @classmethod
-    def of(cls, name: str, datatype: str, shape: Sequence[int]) -> TensorSpec:
-        """Spec from readable parts: `TensorSpec.of("image", "STRING", [-1])`."""
-        return cls(name, parse_datatype(datatype), tuple(shape))
+    def of(cls, name: str, datatype: str, shape: Sequence[int], *, sparse: bool = False) -> TensorSpec:
+        """Spec from readable parts: `TensorSpec.of("image", "BYTES", [-1])`."""
+        return cls(name, parse_datatype(datatype), tuple(shape), sparse=sparse)
 
     def takes(self, datatype: int) -> bool:
         """Whether a tensor of `datatype` may be given for this one (BYTES also takes STRING)."""
@@ -129,7 +131,7 @@ class TensorSpec:
         return True
 
     def describe(self) -> str:
-        return f"{type_name(self.datatype)} {format_shape(self.shape)}"
+        return f"{type_name(self.datatype)} {format_shape(self.shape)}{' (sparse)' if self.sparse else ''}"
 
     def to_proto(self) -> pb.TensorSpec:
         return pb.TensorSpec(name=self.name, datatype=self.datatype, shape=self.shape)  # type: ignore[arg-type]
@@ -273,8 +275,11 @@ def options_of(cls: type[Any], kind: Kind, where: str, values: Mapping[str, Any]
 
 def build(kind: Kind, ref: PluginRef, where: str, context: PluginContext) -> Any:
     """Finds, validates and constructs the plugin `ref` names; `where` locates it in config.toml."""
-    cls = plugin_class(kind, ref.name)
     where = f"{where} ('{ref.name}')"
+    try:
+        cls = plugin_class(kind, ref.name)
+    except LoadError as exc:
+        raise LoadError(f"{where}: {exc}") from exc.__cause__
     options = options_of(cls, kind, where, ref.options())
     try:
         return cls(options, context)

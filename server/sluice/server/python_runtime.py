@@ -18,14 +18,19 @@ is served without exporting it to ONNX, with the same batching, queue limits, me
     outputs = [{ name = "score", datatype = "FP64", shape = [-1] }]
 
 The signature may instead be class attributes `inputs` and `outputs` holding the same tables (or
-`TensorSpec`s). `predict` runs in a worker thread (numpy and most native libraries release the GIL); one
-object is made per `execution.instances`, and each instance runs one batch at a time.
+`TensorSpec`s). One object is made per `execution.instances`, and each runs one batch at a time. `predict`
+runs in a worker thread (numpy and most native libraries release the GIL), or on the event loop when it
+measured faster at load than a thread hand-off (`execution.inline_max_us = 0` keeps it off the loop). Its
+outputs are cast to the declared element types (FP64 scores declared FP32 come back FP32); an output of the
+wrong kind or rank fails the batch with INTERNAL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +40,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sluice.server.plugins import LoadError, PluginContext, TensorSpec, parse_datatype
+from sluice.server.tensors import format_shape
+from sluice.v1 import inference_pb2 as pb
 
 
 class SpecOption(BaseModel):
@@ -45,6 +52,9 @@ class SpecOption(BaseModel):
     name: str = Field(min_length=1)
     datatype: str
     shape: list[int]
+    sparse: bool = Field(
+        default=False, description="Inputs only: predict gets a sluice.batcher.CooArray instead of an array."
+    )
 
     @field_validator("datatype")
     @classmethod
@@ -60,7 +70,7 @@ class SpecOption(BaseModel):
         return value
 
     def spec(self) -> TensorSpec:
-        return TensorSpec.of(self.name, self.datatype, self.shape)
+        return TensorSpec.of(self.name, self.datatype, self.shape, sparse=self.sparse)
 
 
 class PythonOptions(BaseModel):
@@ -78,6 +88,10 @@ class PythonOptions(BaseModel):
     outputs: list[SpecOption] | None = None
 
 
+class PredictError(Exception):
+    """A python model's `predict` returned something other than its declared outputs."""
+
+
 class PythonModel:
     """The `python` runtime."""
 
@@ -87,36 +101,28 @@ class PythonModel:
         cls = _load_class(options, context)
         self.inputs = _signature(options.inputs, getattr(cls, "inputs", None), "inputs", cls)
         self.outputs = _signature(options.outputs, getattr(cls, "outputs", None), "outputs", cls)
-        self._output_names = [s.name for s in self.outputs]
         self.instances = context.config.execution.instances
         self.providers = ["python"]
         self.threads = 1
+        self._owner = f"{cls.__qualname__}.predict"
         self._objects: list[Any] = []
-        for _ in range(self.instances):
-            try:
-                obj = cls()
-                load = getattr(obj, "load", None)
-                if load is not None:
-                    load(context.version_dir)
-            except LoadError:
-                raise
-            except Exception as exc:
-                raise LoadError(f"{cls.__qualname__}: loading failed: {type(exc).__name__}: {exc}") from exc
-            if not callable(getattr(obj, "predict", None)):
-                raise LoadError(f"{cls.__qualname__} has no predict(batch) method")
-            self._objects.append(obj)
+        try:
+            for _ in range(self.instances):
+                self._objects.append(_instantiate(cls, context))
+        except Exception:
+            self.close()  # the instances made before the one that failed
+            raise
 
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         result = self._objects[instance].predict(dict(feeds))
         if not isinstance(result, Mapping):
-            raise TypeError(f"predict returned {type(result).__name__}, expected a dict of arrays")
+            raise PredictError(f"{self._owner} returned {type(result).__name__}, expected a dict of arrays")
         out: dict[str, npt.NDArray[Any]] = {}
-        for name in self._output_names:
-            if name not in result:
-                raise KeyError(
-                    f"predict returned no output '{name}' (it returned {', '.join(map(str, result))})"
-                )
-            out[name] = np.asarray(result[name])
+        for spec in self.outputs:
+            if spec.name not in result:
+                got = ", ".join(f"'{name}'" for name in result) or "nothing"
+                raise PredictError(f"{self._owner} returned no output '{spec.name}' (it returned {got})")
+            out[spec.name] = _conform(np.asarray(result[spec.name]), spec, self._owner)
         return out
 
     def close(self) -> None:
@@ -127,12 +133,54 @@ class PythonModel:
         self._objects.clear()
 
 
+def _instantiate(cls: type[Any], context: PluginContext) -> Any:
+    try:
+        obj = cls()
+        load = getattr(obj, "load", None)
+        if load is not None:
+            load(context.version_dir)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"{cls.__qualname__}: loading failed: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(obj, "predict", None)):
+        raise LoadError(f"{cls.__qualname__} has no predict(batch) method")
+    return obj
+
+
+def _conform(array: npt.NDArray[Any], spec: TensorSpec, owner: str) -> npt.NDArray[Any]:
+    """`array` as the declared output: numbers cast within their kind (FP64 to FP32, INT32 to INT64)."""
+    if spec.dtype is None:  # str or object for STRING, bytes or object for BYTES
+        fits = array.dtype.kind in ("OU" if spec.datatype == pb.DATA_TYPE_STRING else "OS")
+    elif array.dtype != spec.dtype and np.can_cast(array.dtype, spec.dtype, "same_kind"):
+        array = array.astype(spec.dtype)
+        fits = True
+    else:
+        fits = array.dtype == spec.dtype
+    if not fits or not spec.accepts(array.shape):
+        raise PredictError(
+            f"{owner} returned output '{spec.name}' as numpy {array.dtype} {format_shape(array.shape)}; "
+            f"it is declared {spec.describe()}"
+        )
+    return array
+
+
+def _module_name(context: PluginContext) -> str:
+    """A top-level module name for a model's file: pickle and dataclasses look classes up in sys.modules by
+    their `__module__`, and pickle imports a dotted name's parents, which would not exist."""
+    name = f"sluice_model_{context.model}_v{context.version}"
+    safe = re.sub(r"\W", "_", name, flags=re.ASCII)
+    if safe != name:  # keep "a-b" and "a.b" apart
+        safe += "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
 def _load_class(options: PythonOptions, context: PluginContext) -> type[Any]:
     path = context.version_dir / options.module
     if options.module.endswith(".py"):
         if not path.is_file():
             raise LoadError(f"{path}: no such file (runtime option 'module')")
-        name = f"sluice_models.{context.model}.v{context.version}"
+        name = _module_name(context)
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise LoadError(f"{path}: cannot be imported")

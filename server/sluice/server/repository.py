@@ -7,6 +7,7 @@ Health, and returned to callers as UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -159,7 +160,9 @@ class ModelRepository:
             servable = await asyncio.to_thread(self._build, entry.name, version, config, threads)
         except LoadError as exc:
             version.state, version.reason = pb.MODEL_STATE_FAILED, str(exc)
-            log.error("model %s version %d failed to load: %s", entry.name, version.version, exc)
+            # The cause (a model's load() or warm-up raising, say) keeps its traceback in the log.
+            log.error("model %s version %d failed to load: %s", entry.name, version.version, exc,
+                      exc_info=exc.__cause__)  # fmt: skip
             return
         except Exception as exc:
             version.state, version.reason = pb.MODEL_STATE_FAILED, f"unexpected error while loading: {exc}"
@@ -183,17 +186,6 @@ class ModelRepository:
 
     def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
         spin = config.execution.spin
-        servable = self._servable(name, version, config, threads, spinning=spin != "off")
-        if spin == "auto" and servable.model.spinning and servable.runner.inline_at_one_row():
-            # Fast enough to run on the event loop: spinning pool threads would take its core. Such a model
-            # is small, so building its sessions again costs little.
-            servable.close()
-            servable = self._servable(name, version, config, threads, spinning=False)
-        return servable
-
-    def _servable(
-        self, name: str, version: VersionEntry, config: ModelConfig, threads: int, *, spinning: bool
-    ) -> Servable:
         context = PluginContext(
             model=name,
             version=version.version,
@@ -201,7 +193,7 @@ class ModelRepository:
             version_dir=version.path,
             config=config,
             threads=threads,
-            spinning=spinning,
+            spinning=spin != "off",
         )
         pre: list[tuple[str, Preprocessor]] = [
             (f"preprocess[{i}] ('{ref.name}')", build("preprocessors", ref, f"preprocess[{i}]", context))
@@ -211,6 +203,21 @@ class ModelRepository:
             (f"postprocess[{i}] ('{ref.name}')", build("postprocessors", ref, f"postprocess[{i}]", context))
             for i, ref in enumerate(config.postprocess)
         ]
+        servable = self._servable(context, pre, post)
+        if spin == "auto" and servable.model.spinning and servable.runner.inline_at_one_row():
+            # Fast enough to run on the event loop: spinning pool threads would take its core. Such a model
+            # is small, so building its sessions again costs little; the plugins are kept.
+            servable.close()
+            servable = self._servable(dataclasses.replace(context, spinning=False), pre, post)
+        return servable
+
+    def _servable(
+        self,
+        context: PluginContext,
+        pre: list[tuple[str, Preprocessor]],
+        post: list[tuple[str, Postprocessor]],
+    ) -> Servable:
+        name, config = context.model, context.config
         model = load_model(context)
         inline = config.execution.inline_max_us
         runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)

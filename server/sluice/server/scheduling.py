@@ -17,6 +17,7 @@ from sluice.batcher import (
     BatcherClosedError,
     BatcherConfig,
     BatchObserver,
+    CooArray,
     DeadlineExpiredError,
     ModelRunError,
     PadSpec,
@@ -98,7 +99,7 @@ class ModelRunner:
         rows = self.model.max_batch_size
         # A model too slow to run inline at one row never will with more: spare it full-batch runs at load.
         if rows > 1 and one <= self.inline_limit:
-            full = {name: np.repeat(array, rows, axis=0) for name, array in feeds.items()}
+            full = {name: _repeat(array, rows) for name, array in feeds.items()}
             more = _elements(full) - elements
             if more > 0:
                 self._per_element = max(0.0, (_median_run(self.model, full) - one) / more)
@@ -122,6 +123,12 @@ class ModelRunner:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _repeat(array: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.generic]:
+    if isinstance(array, CooArray):
+        return CooArray.concat([array] * rows)  # type: ignore[return-value]
+    return np.repeat(array, rows, axis=0)
 
 
 def _elements(feeds: Mapping[str, npt.NDArray[np.generic]]) -> int:
@@ -226,7 +233,9 @@ class DirectScheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise ModelRunError(f"model '{self._name}' failed: {type(exc).__name__}: {exc}") from exc
+            raise ModelRunError(
+                f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
+            ) from exc
         finally:
             self._running -= 1
             self._free.append(instance)

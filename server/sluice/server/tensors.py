@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from sluice.batcher import CooArray
 from sluice.server.errors import invalid
 from sluice.v1 import inference_pb2 as pb
 
@@ -165,14 +166,26 @@ def encode(name: str, array: npt.NDArray[np.generic]) -> pb.Tensor:
     return pb.Tensor(name=name, datatype=datatype, shape=array.shape, raw_contents=raw)  # type: ignore[arg-type]
 
 
-def _decode_sparse(
-    sparse: pb.SparseContents,
-    datatype: DataType,
-    shape: tuple[int, ...],
-    count: int,
-    what: str,
-    max_bytes: int,
-) -> npt.NDArray[np.generic]:
+def decode_coo(tensor: pb.Tensor, what: str, max_bytes: int) -> CooArray:
+    """A wire tensor as a `CooArray`, for steps that take sparse inputs as such; a dense one is converted."""
+    if not tensor.HasField("sparse"):
+        return CooArray.from_dense(decode(tensor, what, max_bytes))
+    if tensor.raw_contents:
+        raise invalid(f"{what}: set either raw_contents or sparse, not both")
+    datatype = tensor.datatype
+    if datatype not in _VARIABLE and datatype not in _NUMERIC:
+        raise invalid(f"{what}: datatype must be set to one of {_type_list()}, got {type_name(datatype)}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise invalid(f"{what}: shape dimensions must be >= 0, got {format_shape(shape)}")
+    indices, values = _sparse_parts(tensor.sparse, datatype, shape, what)
+    return CooArray(indices, values, shape)
+
+
+def _sparse_parts(
+    sparse: pb.SparseContents, datatype: DataType, shape: tuple[int, ...], what: str
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.generic]]:
+    """Checked indices [nnz, rank] and values [nnz] of a sparse tensor."""
     rank = len(shape)
     if rank == 0:
         raise invalid(f"{what}: a sparse tensor needs a dense shape of rank >= 1, got []")
@@ -190,27 +203,40 @@ def _decode_sparse(
             f"{what}: sparse index {indices[bad].tolist()} (non-zero {bad}) lies outside the dense shape "
             f"{format_shape(shape)}"
         )
-    dtype = numpy_dtype(datatype)
-    itemsize = 8 if datatype in _VARIABLE else dtype.itemsize
+    if datatype in _VARIABLE:
+        text = datatype == pb.DATA_TYPE_STRING
+        return indices, decode_strings(sparse.values, nnz, f"{what} sparse values", text=text)
+    dtype = _NUMERIC[datatype]
+    if len(sparse.values) != nnz * dtype.itemsize:
+        raise invalid(
+            f"{what}: {nnz} sparse values of {type_name(datatype)} need {nnz * dtype.itemsize} bytes, "
+            f"got {len(sparse.values)}"
+        )
+    return indices, np.frombuffer(sparse.values, dtype=dtype)
+
+
+def _decode_sparse(
+    sparse: pb.SparseContents,
+    datatype: DataType,
+    shape: tuple[int, ...],
+    count: int,
+    what: str,
+    max_bytes: int,
+) -> npt.NDArray[np.generic]:
+    if len(shape) == 0:
+        raise invalid(f"{what}: a sparse tensor needs a dense shape of rank >= 1, got []")
+    itemsize = 8 if datatype in _VARIABLE else _NUMERIC[datatype].itemsize
     if count * itemsize > max_bytes:
         raise invalid(
             f"{what}: dense shape {format_shape(shape)} would take {count * itemsize} bytes, over the "
             f"max_message_bytes limit of {max_bytes}"
         )
+    indices, values = _sparse_parts(sparse, datatype, shape, what)
     if datatype in _VARIABLE:
-        text = datatype == pb.DATA_TYPE_STRING
-        values: npt.NDArray[np.generic] = decode_strings(
-            sparse.values, nnz, f"{what} sparse values", text=text
-        )
-        dense: npt.NDArray[np.generic] = np.full(shape, "" if text else b"", dtype=object)
+        empty = "" if datatype == pb.DATA_TYPE_STRING else b""
+        dense: npt.NDArray[np.generic] = np.full(shape, empty, dtype=object)
     else:
-        if len(sparse.values) != nnz * dtype.itemsize:
-            raise invalid(
-                f"{what}: {nnz} sparse values of {type_name(datatype)} need {nnz * dtype.itemsize} bytes, "
-                f"got {len(sparse.values)}"
-            )
-        values = np.frombuffer(sparse.values, dtype=dtype)
-        dense = np.zeros(shape, dtype=dtype)
+        dense = np.zeros(shape, dtype=_NUMERIC[datatype])
     dense[tuple(indices.T)] = values
     return dense
 

@@ -1,0 +1,301 @@
+"""The built-in `python` runtime: a class of yours with load/predict(batch), served and batched like ONNX."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from sluice.server.app import SluiceServer
+from sluice.server.settings import ServerSettings
+from sluice.v1 import inference_pb2 as pb
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import outputs, request, train_digits_module
+
+# Signature from the runtime options; the batch (first) dimension is free, so Sluice batches it. A fixed
+# policy with a long window makes the batches certain: they run when 4 rows are queued.
+BATCHED_CONFIG = """
+[runtime]
+name = "python"
+inputs = [{ name = "x", datatype = "FP32", shape = [-1, 2] }]
+outputs = [
+    { name = "y", datatype = "FP32", shape = [-1, 2] },
+    { name = "rows", datatype = "INT64", shape = [-1] },
+]
+
+[batching]
+max_batch_size = 4
+max_delay_ms = 10000
+policy = "fixed"
+"""
+BATCHED = """
+import numpy as np
+
+
+class Model:
+    def predict(self, batch):
+        x = batch["x"]
+        # Each row learns how many rows its batch had.
+        return {"y": x * 3, "rows": np.full(len(x), len(x), dtype=np.int64)}
+"""
+
+# Signature from class attributes (tables or TensorSpecs), STRING tensors, and a class defined in model.py
+# that pickle finds again by its module name.
+SHOUT = """
+import dataclasses
+import pickle
+
+from sluice.server.plugins import TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    suffix: str
+
+
+class Shout:
+    inputs = [{"name": "text", "datatype": "STRING", "shape": [-1]}]
+    outputs = [TensorSpec.of("loud", "STRING", [-1]), {"name": "length", "datatype": "INT32", "shape": [-1]}]
+
+    def load(self, path):
+        self.settings = pickle.loads(pickle.dumps(Settings((path / "suffix.txt").read_text())))
+
+    def predict(self, batch):
+        text = batch["text"]
+        # Plain lists: the runtime makes arrays of them, INT64 lengths become the declared INT32.
+        return {"loud": [t.upper() + self.settings.suffix for t in text], "length": [len(t) for t in text]}
+"""
+
+FLAKY = """
+class Model:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def predict(self, batch):
+        x = batch["x"]
+        if (x == 13).any():
+            raise ValueError("13 in the batch")
+        if (x == 7).any():
+            return {"z": x}
+        if (x == 5).any():
+            return {"y": x.astype(str)}
+        return {"y": x + 1}
+"""
+
+SKLEARN = """
+import pickle
+
+
+class Model:
+    def load(self, path):
+        with open(path / "classifier.pkl", "rb") as file:
+            self.classifier = pickle.load(file)
+
+    def predict(self, batch):
+        pixels = batch["pixels"]
+        return {
+            "label": self.classifier.predict(pixels),
+            "probabilities": self.classifier.predict_proba(pixels),  # FP64, declared FP32
+        }
+"""
+SKLEARN_CONFIG = """
+[runtime]
+name = "python"
+inputs = [{ name = "pixels", datatype = "FP32", shape = [-1, 64] }]
+outputs = [
+    { name = "label", datatype = "INT64", shape = [-1] },
+    { name = "probabilities", datatype = "FP32", shape = [-1, 10] },
+]
+"""
+
+PYTHON = '[runtime]\nname = "python"\n'
+SIGNATURE = """
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+"""
+
+
+def add(repo: Path, name: str, config: str, code: str | None) -> Path:
+    """A model directory: config.toml, and version 1 holding model.py (unless `code` is None)."""
+    version = repo / name / "1"
+    version.mkdir(parents=True)
+    (repo / name / "config.toml").write_text(config)
+    if code is not None:
+        (version / "model.py").write_text(textwrap.dedent(code))
+    return version
+
+
+@asynccontextmanager
+async def serving(repo: Path) -> AsyncIterator[tuple[pb_grpc.InferenceStub, dict[str, pb.ModelStatus]]]:
+    """A server on `repo`: a stub, and every model's status once loading has ended."""
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, grace_period_s=5))
+    await server.start()
+    await server.loaded()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            health = await stub.Health(pb.HealthRequest())
+            yield stub, {m.name: m for m in health.models}
+    finally:
+        await server.stop(0)
+
+
+def signature(specs: list[pb.TensorSpec]) -> list[tuple[str, int, list[int]]]:
+    return [(s.name, s.datatype, list(s.shape)) for s in specs]
+
+
+async def failure(stub: pb_grpc.InferenceStub, req: pb.PredictRequest) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Predict(req)
+    return info.value
+
+
+async def test_a_class_is_served_and_batched(repo: Path) -> None:
+    add(repo, "batched", BATCHED_CONFIG, BATCHED)
+    shout = add(repo, "shout", PYTHON + 'class = "Shout"\n', SHOUT)
+    (shout / "suffix.txt").write_text("!")
+    async with serving(repo) as (stub, models):
+        (batched,) = models["batched"].versions
+        assert batched.state == pb.MODEL_STATE_READY
+        assert signature(batched.inputs) == [("x", pb.DATA_TYPE_FP32, [-1, 2])]
+        assert signature(batched.outputs) == [
+            ("y", pb.DATA_TYPE_FP32, [-1, 2]),
+            ("rows", pb.DATA_TYPE_INT64, [-1]),
+        ]
+        assert list(batched.providers) == ["python"]
+        assert batched.max_batch_size == 4
+
+        xs = [np.array([[i, -i]], dtype=np.float32) for i in range(8)]
+        responses = await asyncio.gather(
+            *(stub.Predict(request("batched", id=str(i), x=x)) for i, x in enumerate(xs))
+        )
+        for i, (x, response) in enumerate(zip(xs, responses, strict=True)):
+            got = outputs(response)
+            assert response.id == str(i)
+            np.testing.assert_array_equal(got["y"], x * 3)
+            assert got["rows"].tolist() == [4]  # 8 concurrent one-row requests ran as 2 batches of 4
+
+        (shouted,) = models["shout"].versions
+        assert signature(shouted.inputs) == [("text", pb.DATA_TYPE_STRING, [-1])]
+        assert signature(shouted.outputs) == [
+            ("loud", pb.DATA_TYPE_STRING, [-1]),
+            ("length", pb.DATA_TYPE_INT32, [-1]),
+        ]
+        response = await stub.Predict(request("shout", text=np.array(["hey", "sluice"], dtype=object)))
+        assert [(t.name, t.datatype) for t in response.outputs] == [
+            ("loud", pb.DATA_TYPE_STRING),
+            ("length", pb.DATA_TYPE_INT32),
+        ]
+        got = outputs(response)
+        assert got["loud"].tolist() == ["HEY!", "SLUICE!"]
+        assert got["length"].tolist() == [3, 6]
+
+
+async def test_models_that_cannot_load_fail_with_the_reason(repo: Path) -> None:
+    add(repo, "no_file", PYTHON, None)
+    add(repo, "no_class", PYTHON, "class Other:\n    pass\n")
+    add(repo, "no_signature", PYTHON, "class Model:\n    def predict(self, batch):\n        return batch\n")
+    add(repo, "import_fails", PYTHON, "import sluice_no_such_module\n")
+    load_raises = (
+        "class Model:"
+        + SIGNATURE
+        + """
+    def load(self, path):
+        raise FileNotFoundError(f"{path.name}/weights.bin is missing")
+
+    def predict(self, batch):
+        return batch
+"""
+    )
+    add(repo, "load_raises", PYTHON, load_raises)
+    add(repo, "no_predict", PYTHON, "class Model:" + SIGNATURE)
+    bad_table = 'inputs = [{ name = "x", datatype = "FP8", shape = [-1] }]\n'
+    add(repo, "bad_table", PYTHON + bad_table, "class Model:" + SIGNATURE)
+    add(repo, "ok", PYTHON, FLAKY)
+    async with serving(repo) as (stub, models):
+        expected = {
+            "no_file": ["1/model.py: no such file (runtime option 'module')"],
+            "no_class": ["model.py has no class 'Model' (runtime option 'class')"],
+            "no_signature": [
+                "the python model's inputs are not declared",
+                "runtime option 'inputs'",
+                "Model.inputs",
+            ],
+            "import_fails": ["model.py: importing failed: ModuleNotFoundError", "sluice_no_such_module"],
+            "load_raises": ["Model: loading failed: FileNotFoundError: 1/weights.bin is missing"],
+            "no_predict": ["Model has no predict(batch) method"],
+            "bad_table": ["runtime ('python')", "field 'inputs.0.datatype'", "unknown datatype 'FP8'"],
+        }
+        for name, parts in expected.items():
+            assert models[name].state == pb.MODEL_STATE_FAILED, name
+            for part in parts:
+                assert part in models[name].reason, (name, part, models[name].reason)
+        assert models["ok"].state == pb.MODEL_STATE_READY
+        error = await failure(stub, request("load_raises", x=np.zeros((1, 2), np.float32)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "weights.bin is missing" in (error.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (13, "model 'flaky' failed"),
+        (7, "Model.predict returned no output 'y' (it returned 'z')"),
+        (5, "Model.predict returned output 'y' as numpy <U32 [1, 2]; it is declared FP32 [-1, 2]"),
+    ],
+    ids=["raises", "missing-output", "wrong-kind"],
+)
+async def test_a_failing_predict_is_internal_and_the_model_keeps_serving(
+    repo: Path, caplog: pytest.LogCaptureFixture, value: int, message: str
+) -> None:
+    add(repo, "flaky", PYTHON, FLAKY)
+    async with serving(repo) as (stub, _):
+        with caplog.at_level(logging.ERROR, logger="sluice"):
+            error = await failure(stub, request("flaky", x=np.array([[1, value]], np.float32)))
+        assert error.code() == grpc.StatusCode.INTERNAL
+        # The caller learns which model failed; what it raised stays in the server log.
+        assert (
+            error.details()
+            == "model 'flaky' failed to run this request's batch; the server log has the details"
+        )
+        assert message in caplog.text
+        assert "Traceback" in caplog.text
+        if value == 13:
+            assert "ValueError: 13 in the batch" in caplog.text
+        responses = await asyncio.gather(
+            *(stub.Predict(request("flaky", x=np.full((2, 2), i, np.float32))) for i in (1, 2, 3))
+        )
+        for i, response in zip((1, 2, 3), responses, strict=True):
+            np.testing.assert_array_equal(outputs(response)["y"], np.full((2, 2), i + 1, np.float32))
+
+
+async def test_a_scikit_learn_model_is_served_without_onnx(repo: Path) -> None:
+    from sklearn.linear_model import LogisticRegression  # imported here: slow, and only this test needs it
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    x_train, x_test, y_train, y_test = train_digits_module().held_out_split()
+    classifier = make_pipeline(MinMaxScaler(), LogisticRegression(solver="newton-cg", tol=1e-3))
+    classifier.fit(x_train.astype(np.float64), y_train)  # trained in FP64: predict_proba then gives FP64
+    version = add(repo, "digits", SKLEARN_CONFIG, SKLEARN)
+    (version / "classifier.pkl").write_bytes(pickle.dumps(classifier))
+    async with serving(repo) as (stub, models):
+        assert models["digits"].state == pb.MODEL_STATE_READY, models["digits"].reason
+        chunks = np.array_split(np.arange(len(x_test)), 18)
+        responses = await asyncio.gather(
+            *(stub.Predict(request("digits", pixels=x_test[rows])) for rows in chunks)
+        )
+    label = np.concatenate([outputs(r)["label"] for r in responses])
+    probabilities = np.concatenate([outputs(r)["probabilities"] for r in responses])
+    assert (label == y_test).mean() >= 0.93
+    np.testing.assert_array_equal(label, classifier.predict(x_test))
+    assert probabilities.dtype == np.float32  # as declared, though predict_proba gives FP64
+    np.testing.assert_allclose(probabilities, classifier.predict_proba(x_test), rtol=1e-5, atol=1e-6)
