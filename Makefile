@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROTOS := proto/sluice/v1/inference.proto
+PROTOS := proto/sluice/v1/inference.proto proto/sluice/kserve/v2/model_config.proto \
+	proto/sluice/kserve/v2/grpc_service.proto
 
 .PHONY: serve test check lint typecheck proto proto-check bench clean
 
@@ -19,11 +20,17 @@ $(BIN)/.installed: pyproject.toml tests/plugin_package/pyproject.toml
 serve: $(BIN)/.installed  ## Serve the bundled example repository on 127.0.0.1:8001 (metrics on :8002).
 	$(BIN)/sluice serve
 
-test: $(BIN)/.installed $(NODE_DEPS)  ## Run the whole test suite.
+test: $(BIN)/.installed $(NODE_DEPS) tests/kserve/.venv/.installed  ## Run the whole test suite.
 	$(BIN)/python -m pytest
 
 tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Triton's client for the KServe tests, in a virtualenv of its own: it needs protobuf<7, Sluice protobuf>=7.
+tests/kserve/.venv/.installed: tests/kserve/requirements.txt
+	$(PYTHON) -m venv tests/kserve/.venv
+	tests/kserve/.venv/bin/python -m pip install --quiet -r tests/kserve/requirements.txt
 	touch $@
 
 check: lint typecheck proto-check  ## What CI checks besides the tests.
@@ -46,4 +53,4 @@ bench: $(BIN)/.installed  ## See benchmarks/README.md.
 	@cat benchmarks/README.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules tests/kserve/.venv

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sluice.server import kserve
 from sluice.server.metrics import Metrics
 from sluice.server.probes import Probes
 from sluice.server.repository import ModelRepository
@@ -79,11 +80,13 @@ class SluiceServer:
             ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
+        kserve.add_to_server(kserve.KServeService(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
         await self.probes.starting(list(self.repository.models))
         if self.settings.reflection:
             names = (
                 pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+                kserve.SERVICE_NAME,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             )

@@ -13,12 +13,9 @@ import grpc
 from sluice.server.errors import SluiceError, to_status, unavailable
 from sluice.server.metrics import Metrics
 from sluice.server.repository import ModelRepository
+from sluice.server.streams import STREAM_WINDOW, answer_each
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-
-# A stream reads no further requests while this many of its requests are unanswered, so a client that
-# sends without reading pushes back through HTTP/2 flow control instead of growing server memory.
-STREAM_WINDOW = 256
 
 
 class Phase(enum.Enum):
@@ -60,47 +57,20 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.StreamPredictResponse]:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        answers: asyncio.Queue[pb.StreamPredictResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        pending: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.PredictRequest) -> None:
+        async def answer(request: pb.PredictRequest) -> pb.StreamPredictResponse:
             started = time.monotonic()
             try:
                 response = await self._predict(request, deadline)
             except Exception as exc:
                 code, message = to_status(exc, f"StreamPredict model={request.model!r} id={request.id!r}")
                 self._count(request, "StreamPredict", code.name, started)
-                answers.put_nowait(
-                    pb.StreamPredictResponse(id=request.id, code=code.value[0], message=message)
-                )
-            else:
-                self._count(request, "StreamPredict", "OK", started)
-                answers.put_nowait(pb.StreamPredictResponse(id=request.id, response=response))
-            finally:
-                window.release()
+                return pb.StreamPredictResponse(id=request.id, code=code.value[0], message=message)
+            self._count(request, "StreamPredict", "OK", started)
+            return pb.StreamPredictResponse(id=request.id, response=response)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(answer(request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if pending:
-                    await asyncio.wait(set(pending))
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await answers.get()) is not None:
-                yield item
-            await reader  # surfaces a failure to read the stream
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+        async for item in answer_each(request_iterator, answer, STREAM_WINDOW):
+            yield item
 
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]

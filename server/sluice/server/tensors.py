@@ -89,12 +89,7 @@ def decode(tensor: pb.Tensor, what: str, max_bytes: int) -> npt.NDArray[np.gener
     `what` names the tensor in messages ("input 'pixels'"); `max_bytes` bounds what a sparse tensor may
     densify to, so a tiny message cannot ask for a huge allocation.
     """
-    datatype = tensor.datatype
-    if datatype not in _VARIABLE and datatype not in _NUMERIC:
-        raise invalid(f"{what}: datatype must be set to one of {_type_list()}, got {type_name(datatype)}")
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise invalid(f"{what}: shape dimensions must be >= 0, got {format_shape(shape)}")
+    datatype, shape = _header(tensor, what)
     count = math.prod(shape)
     if tensor.HasField("sparse"):
         if tensor.raw_contents:
@@ -172,14 +167,20 @@ def decode_coo(tensor: pb.Tensor, what: str, max_bytes: int) -> CooArray:
         return CooArray.from_dense(decode(tensor, what, max_bytes))
     if tensor.raw_contents:
         raise invalid(f"{what}: set either raw_contents or sparse, not both")
+    datatype, shape = _header(tensor, what)
+    indices, values = _sparse_parts(tensor.sparse, datatype, shape, what)
+    return CooArray(indices, values, shape)
+
+
+def _header(tensor: pb.Tensor, what: str) -> tuple[DataType, tuple[int, ...]]:
+    """A tensor's data type and shape, once both are known to be valid."""
     datatype = tensor.datatype
     if datatype not in _VARIABLE and datatype not in _NUMERIC:
         raise invalid(f"{what}: datatype must be set to one of {_type_list()}, got {type_name(datatype)}")
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise invalid(f"{what}: shape dimensions must be >= 0, got {format_shape(shape)}")
-    indices, values = _sparse_parts(tensor.sparse, datatype, shape, what)
-    return CooArray(indices, values, shape)
+    return datatype, shape
 
 
 def _sparse_parts(

@@ -1,0 +1,153 @@
+"""What the KServe v2 and Triton RPCs say about a model: metadata, configuration, statistics, index.
+
+Everything is read from what Sluice already keeps: the servable's signature, the model's config.toml, and
+the metrics the batcher and the servicers record. Statistics are per model (every version together), as
+Sluice measures them; `docs/kserve.md` lists which figures are estimates.
+"""
+
+from __future__ import annotations
+
+import math
+
+from sluice.kserve.v2 import grpc_service_pb2 as kpb
+from sluice.kserve.v2 import model_config_pb2 as mc
+from sluice.server.kserve_tensors import tensor_metadata, triton_type
+from sluice.server.metrics import Histogram, Metrics
+from sluice.server.pipeline import Servable
+from sluice.server.plugins import TensorSpec
+from sluice.server.repository import ModelEntry
+from sluice.v1 import inference_pb2 as pb
+
+# Triton's names for the runtimes it shares with Sluice: (platform, backend).
+_PLATFORMS = {"onnx": ("onnxruntime_onnx", "onnxruntime")}
+_STATES: dict[int, str] = {pb.MODEL_STATE_READY: "READY", pb.MODEL_STATE_LOADING: "LOADING"}
+_NS = 1e9
+
+
+def platform(servable: Servable) -> tuple[str, str]:
+    """Triton's platform and backend names for a servable's runtime; other runtimes go by their own name."""
+    runtime = servable.model.config.runtime.name
+    return _PLATFORMS.get(runtime, (runtime, runtime))
+
+
+def metadata(servable: Servable, entry: ModelEntry) -> kpb.ModelMetadataResponse:
+    """Versions ready to answer, the platform, and the callers' signature with the batch dimension as -1."""
+    return kpb.ModelMetadataResponse(
+        name=servable.name,
+        versions=[str(v.version) for v in entry.versions if v.state == pb.MODEL_STATE_READY],
+        platform=platform(servable)[0],
+        inputs=[tensor_metadata(spec) for spec in servable.inputs],
+        outputs=[tensor_metadata(spec) for spec in servable.outputs],
+    )
+
+
+def config(servable: Servable) -> mc.ModelConfig:
+    """The configuration in Triton's terms: with max_batch_size > 0, dims leave the batch dimension out."""
+    model = servable.model
+    settings = model.config
+    batches = model.max_batch_size > 0
+    name, backend = platform(servable)
+    out = mc.ModelConfig(
+        name=servable.name,
+        platform=name,
+        backend=backend,
+        max_batch_size=model.max_batch_size,
+        input=[
+            mc.ModelInput(name=s.name, data_type=triton_type(s.datatype), dims=_dims(s, batches))
+            for s in servable.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=s.name, data_type=triton_type(s.datatype), dims=_dims(s, batches))
+            for s in servable.outputs
+        ],
+    )
+    if settings.versions is None:
+        out.version_policy.all.SetInParent()
+    else:
+        out.version_policy.specific.versions.extend(settings.versions)
+    if batches and settings.batching.policy != "none":
+        out.dynamic_batching.max_queue_delay_microseconds = round(settings.batching.max_delay_ms * 1000)
+    gpu = any(p.startswith("CUDA") for p in model.providers)
+    out.instance_group.append(
+        mc.ModelInstanceGroup(
+            name=servable.name,
+            kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+            count=model.instances,
+            gpus=[settings.execution.cuda_device] if gpu else [],
+        )
+    )
+    return out
+
+
+def _dims(spec: TensorSpec, batches: bool) -> tuple[int, ...]:
+    return spec.shape[1:] if batches else spec.shape
+
+
+def statistics(
+    servable: Servable, version: str, metrics: Metrics, last_inference_ms: int
+) -> kpb.ModelStatistics:
+    """Cumulative statistics of one model from Sluice's metrics (all its versions together).
+
+    Request counts, queue waits, batch sizes and run times are measured; the success/fail split of the
+    time spent and the per-request compute time are estimated from them (see docs/kserve.md).
+    """
+    name = servable.name
+    ok = failed = 0
+    for (model, _method, code), count in list(metrics.requests.items()):
+        if model == name:
+            if code == "OK":
+                ok += count
+            else:
+                failed += count
+    seconds = sum(h.sum for (model, _method), h in list(metrics.latency.items()) if model == name)
+    answered = ok + failed
+    stats = kpb.ModelStatistics(name=name, version=version, last_inference=last_inference_ms)
+    infer = stats.inference_stats
+    infer.success.CopyFrom(_duration(ok, seconds * ok / answered if answered else 0.0))
+    infer.fail.CopyFrom(_duration(failed, seconds * failed / answered if answered else 0.0))
+    measured = metrics.models.get(name)
+    runs = 0 if measured is None else _count(measured.batch_rows)
+    if measured is None or runs == 0:
+        # No batch was observed: the model does not batch (each request is one run) or has not run yet.
+        stats.inference_count = stats.execution_count = ok
+        return stats
+    stats.inference_count = round(measured.batch_rows.sum)
+    stats.execution_count = runs
+    queued = _count(measured.queue_wait)
+    infer.queue.CopyFrom(_duration(queued, measured.queue_wait.sum))
+    # Every request of a batch waits for the batch's whole run: the run time times requests per batch.
+    per_batch = measured.batch_requests.sum / max(1, _count(measured.batch_requests))
+    infer.compute_infer.CopyFrom(_duration(queued, measured.run_time.sum * per_batch))
+    mean_run = measured.run_time.sum / max(1, _count(measured.run_time))
+    # Batch sizes are known to a power of two (the histogram's buckets): each is reported at its bound.
+    largest = servable.model.max_batch_size
+    bounds = (*measured.batch_rows.bounds, float(largest))
+    for bound, count in zip(bounds, measured.batch_rows.counts, strict=True):
+        if count:
+            size = min(int(bound), largest)
+            stats.batch_stats.append(
+                kpb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, mean_run * count))
+            )
+    return stats
+
+
+def _count(histogram: Histogram) -> int:
+    return sum(histogram.counts)
+
+
+def _duration(count: int, seconds: float) -> kpb.StatisticDuration:
+    return kpb.StatisticDuration(count=count, ns=max(0, math.floor(seconds * _NS)))
+
+
+def index(entries: list[ModelEntry], ready_only: bool) -> kpb.RepositoryIndexResponse:
+    """Every model version with its state; a model whose directory or config failed has one entry."""
+    out = kpb.RepositoryIndexResponse()
+    for entry in entries:
+        if not entry.versions and not ready_only:
+            out.models.add(name=entry.name, state="UNAVAILABLE", reason=entry.failure)
+        for v in entry.versions:
+            state = _STATES.get(v.state, "UNAVAILABLE")
+            if ready_only and state != "READY":
+                continue
+            out.models.add(name=entry.name, version=str(v.version), state=state, reason=v.reason)
+    return out
