@@ -5,17 +5,22 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sluice.server.app import SluiceServer
+from sluice.server.settings import ServerSettings
 from sluice.server.tensors import encode
 from sluice.v1 import inference_pb2 as pb
+from sluice.v1 import inference_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_DIR = ROOT / "examples" / "models" / "digits"
@@ -150,3 +155,41 @@ def doubler_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])],
         [two],
     )
+
+
+@asynccontextmanager
+async def serving(
+    repo: Path, *, metrics: bool = False
+) -> AsyncIterator[tuple[SluiceServer, grpc.aio.Channel]]:
+    """A server on `repo` (ephemeral port; metrics only when asked), once loading has ended, and a channel."""
+    server = SluiceServer(
+        ServerSettings(model_repository=repo, port=0, metrics_port=0 if metrics else -1, grace_period_s=5)
+    )
+    await server.start()
+    try:
+        await server.loaded()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            yield server, channel
+    finally:
+        await server.stop(0)
+
+
+@asynccontextmanager
+async def serving_stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
+    """`serving`, for a test that needs only an Inference stub."""
+    async with serving(repo) as (_, channel):
+        yield pb_grpc.InferenceStub(channel)
+
+
+def signature(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, int, list[int]]]:
+    """A signature as (name, datatype, shape) tuples, for comparing with a literal."""
+    return [(s.name, s.datatype, list(s.shape)) for s in specs]
+
+
+async def failure(stub: pb_grpc.InferenceStub, req: pb.PredictRequest) -> grpc.aio.AioRpcError:
+    """The error a Predict call must end with."""
+    try:
+        await stub.Predict(req)
+    except grpc.aio.AioRpcError as error:
+        return error
+    raise AssertionError(f"Predict {req.model!r} succeeded; an error was expected")

@@ -11,8 +11,6 @@ import io
 import struct
 import sys
 import zlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -23,11 +21,10 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import add_model, outputs, request, save
+from support import serving_stub as serving
 
 RNG = np.random.default_rng(7)
 # Two 4x5 RGB pictures (height 4, width 5): every pixel different, so a transposition would show.
@@ -79,18 +76,6 @@ def png_header(width: int, height: int) -> bytes:
 def luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
     """ITU-R 601-2 luma, as Pillow converts RGB to grey (to within one level of its integer rounding)."""
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
-@asynccontextmanager
-async def serving(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1))
-    await server.start()
-    try:
-        await server.loaded()
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield pb_grpc.InferenceStub(channel)
-    finally:
-        await server.stop(0)
 
 
 async def statuses(stub: pb_grpc.InferenceStub) -> dict[str, pb.ModelStatus]:

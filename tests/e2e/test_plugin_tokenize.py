@@ -20,8 +20,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import support
 from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import ROOT, outputs, request, save
@@ -120,14 +120,8 @@ def texts(*items: str | Sequence[str]) -> npt.NDArray[np.object_]:
 async def serving(
     repo: Path, metrics: bool = False
 ) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0 if metrics else -1))
-    await server.start()
-    await server.loaded()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield server, pb_grpc.InferenceStub(channel)
-    finally:
-        await server.stop(0)
+    async with support.serving(repo, metrics=metrics) as (server, channel):
+        yield server, pb_grpc.InferenceStub(channel)
 
 
 def scrape(server: SluiceServer) -> dict[str, float]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -16,12 +14,11 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.server.tensors import type_name
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import DIGITS_ONNX, ROOT, outputs, request, save, train_digits_module
+from support import serving_stub as serving
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 EXAMPLE = ROOT / "examples" / "models" / "digits_image"
@@ -128,18 +125,6 @@ def add(repo: Path, name: str, model: onnx.ModelProto, options: str, labels: lis
     (repo / name / "config.toml").write_text(config, encoding="utf-8")
     if labels is not None:
         (repo / name / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-
-
-@asynccontextmanager
-async def serving(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1))
-    await server.start()
-    try:
-        await server.loaded()
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield pb_grpc.InferenceStub(channel)
-    finally:
-        await server.stop(0)
 
 
 async def statuses(stub: pb_grpc.InferenceStub) -> dict[str, pb.ModelStatus]:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -22,11 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from sluice_example_plugins.testing import SECRET
 
-from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import add_model, outputs, request, save
+from support import add_model, failure, outputs, request, save, serving, signature
 
 LABELS = ["a", "b", "c", "d"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -81,18 +78,6 @@ def add(repo: Path, name: str, config: str, model: onnx.ModelProto | None = None
     return path
 
 
-@asynccontextmanager
-async def serving(repo: Path) -> AsyncIterator[tuple[SluiceServer, grpc.aio.Channel]]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, grace_period_s=5))
-    await server.start()
-    await server.loaded()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield server, channel
-    finally:
-        await server.stop(0)
-
-
 async def health(channel: grpc.aio.Channel) -> dict[str, pb.ModelStatus]:
     response = await pb_grpc.InferenceStub(channel).Health(pb.HealthRequest())
     return {m.name: m for m in response.models}
@@ -101,16 +86,6 @@ async def health(channel: grpc.aio.Channel) -> dict[str, pb.ModelStatus]:
 async def readiness(channel: grpc.aio.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     return int((await stub.Check(health_pb2.HealthCheckRequest(service=service))).status)
-
-
-def signature(specs: list[pb.TensorSpec]) -> list[tuple[str, int, list[int]]]:
-    return [(s.name, s.datatype, list(s.shape)) for s in specs]
-
-
-async def failure(stub: pb_grpc.InferenceStub, req: pb.PredictRequest) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Predict(req)
-    return info.value
 
 
 def rows(*values: float) -> npt.NDArray[np.float32]:

@@ -14,11 +14,10 @@ import grpc
 import numpy as np
 import pytest
 
-from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
+import support
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import outputs, request, train_digits_module
+from support import failure, outputs, request, signature, train_digits_module
 
 # Signature from the runtime options; the batch (first) dimension is free, so Sluice batches it. A fixed
 # policy with a long window makes the batches certain: they run when 4 rows are queued.
@@ -136,26 +135,10 @@ def add(repo: Path, name: str, config: str, code: str | None) -> Path:
 @asynccontextmanager
 async def serving(repo: Path) -> AsyncIterator[tuple[pb_grpc.InferenceStub, dict[str, pb.ModelStatus]]]:
     """A server on `repo`: a stub, and every model's status once loading has ended."""
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, grace_period_s=5))
-    await server.start()
-    await server.loaded()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            health = await stub.Health(pb.HealthRequest())
-            yield stub, {m.name: m for m in health.models}
-    finally:
-        await server.stop(0)
-
-
-def signature(specs: list[pb.TensorSpec]) -> list[tuple[str, int, list[int]]]:
-    return [(s.name, s.datatype, list(s.shape)) for s in specs]
-
-
-async def failure(stub: pb_grpc.InferenceStub, req: pb.PredictRequest) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Predict(req)
-    return info.value
+    async with support.serving(repo) as (_, channel):
+        stub = pb_grpc.InferenceStub(channel)
+        health = await stub.Health(pb.HealthRequest())
+        yield stub, {m.name: m for m in health.models}
 
 
 async def test_a_class_is_served_and_batched(repo: Path) -> None:

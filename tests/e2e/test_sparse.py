@@ -12,11 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import outputs, tensor
+from support import outputs, serving_stub, tensor
 
 WIDTH = 50_000_000  # 200 MB dense in FP32: only a COO input can take a row this wide
 
@@ -76,14 +74,8 @@ async def serving(repo: Path, width: int = WIDTH) -> AsyncIterator[pb_grpc.Infer
     version.mkdir(parents=True)
     (repo / "bag" / "config.toml").write_text(CONFIG.format(width=width))
     (version / "model.py").write_text(textwrap.dedent(MODEL))
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, grace_period_s=5))
-    await server.start()
-    await server.loaded()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield pb_grpc.InferenceStub(channel)
-    finally:
-        await server.stop(0)
+    async with serving_stub(repo) as stub:
+        yield stub
 
 
 async def test_coo_requests_batch_without_being_densified(repo: Path) -> None:
