@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import struct
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -193,3 +194,15 @@ async def failure(stub: pb_grpc.InferenceStub, req: pb.PredictRequest) -> grpc.a
     except grpc.aio.AioRpcError as error:
         return error
     raise AssertionError(f"Predict {req.model!r} succeeded; an error was expected")
+
+
+def scrape(server: SluiceServer) -> dict[str, float]:
+    """The server's metrics endpoint as {sample with labels: value}."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,19 +14,7 @@ import pytest
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import DIGITS_ONNX, add_digits, doubler_model, outputs, request, save, slow_model
-
-
-def scrape(server: SluiceServer) -> dict[str, float]:
-    """The metrics endpoint as {sample with labels: value}."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+from support import DIGITS_ONNX, add_digits, doubler_model, outputs, request, save, scrape, slow_model
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ import support
 from sluice.server.app import SluiceServer
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import ROOT, outputs, request, save
+from support import ROOT, outputs, request, save, scrape
 
 WORDS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
 VOCAB = {word: index for index, word in enumerate(WORDS)}
@@ -122,19 +121,6 @@ async def serving(
 ) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
     async with support.serving(repo, metrics=metrics) as (server, channel):
         yield server, pb_grpc.InferenceStub(channel)
-
-
-def scrape(server: SluiceServer) -> dict[str, float]:
-    """The metrics endpoint as {sample with labels: value}."""
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    )
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 async def failure(stub: pb_grpc.InferenceStub, model: str) -> str:
