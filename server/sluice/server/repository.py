@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sluice.server.config import ConfigError, ModelConfig, load_config
-from sluice.server.errors import not_found, unavailable
+from sluice.server.errors import clip, not_found, unavailable
 from sluice.server.metrics import Metrics
 from sluice.server.model import load_model
 from sluice.server.pipeline import Servable
@@ -246,7 +246,7 @@ class ModelRepository:
         entry = self.models.get(name)
         if entry is None:
             known = ", ".join(f"'{n}'" for n in self.models) or "none"
-            raise not_found(f"no model named '{name}'; the repository has {known}")
+            raise not_found(f"no model named '{clip(name)}'; the repository has {known}")
         if entry.config is None or entry.reason:
             raise unavailable(f"model '{name}' failed to load: {entry.reason}")
         if version is None:
@@ -268,7 +268,7 @@ class ModelRepository:
         """Health's view of every model (or one)."""
         if name:
             if name not in self.models:
-                raise not_found(f"no model named '{name}'")
+                raise not_found(f"no model named '{clip(name)}'")
             entries = [self.models[name]]
         else:
             entries = list(self.models.values())
