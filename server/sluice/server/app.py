@@ -56,6 +56,7 @@ class SluiceServer:
                 max_bytes=settings.max_message_bytes,
                 max_inflight=settings.max_inflight,
                 max_streams=settings.max_streams,
+                stream_window=settings.stream_window,
             ),
         )
         self.service = InferenceService(self.plane)

@@ -116,6 +116,8 @@ class Limits:
     """Unary calls and stream messages being answered at once."""
     max_streams: int
     """Streams open at once."""
+    stream_window: int = 256
+    """Messages of one stream read but not yet answered and sent."""
 
 
 class DataPlane:

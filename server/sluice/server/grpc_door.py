@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from sluice.server.core import DataPlane
 from sluice.server.errors import Code, SluiceError, clip, to_status
-from sluice.server.streams import STREAM_WINDOW, AnswerStream
+from sluice.server.streams import AnswerStream
 
 log = logging.getLogger("sluice.server")
 
@@ -125,7 +125,6 @@ def stream(
     answer: Callable[[Request, float | None], Awaitable[Response]],
     model_of: Callable[[Request], str],
     failed: Callable[[Request | None, Code, str], Response],
-    window: int = STREAM_WINDOW,
 ) -> grpc.RpcMethodHandler[bytes, Response]:
     """A bidirectional method: each message is admitted, answered and counted like a unary call, and a
     failed one is answered in-band by `failed(request or None, code, message)`; the stream goes on."""
@@ -161,7 +160,7 @@ def stream(
             plane.count(model, method, code, started)
             return failed(request, code, message)
 
-        answers = AnswerStream(requests, one, window)
+        answers = AnswerStream(requests, one, plane.limits.stream_window)
         plane.track(answers)
         try:
             async for item in answers:

@@ -77,6 +77,12 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="Streams open at once; more get RESOURCE_EXHAUSTED.",
     )
+    stream_window: int = Field(
+        default=256,
+        gt=0,
+        description="Messages of one stream read but not yet answered and sent; while that many are out, the "
+        "server reads no more of the stream and HTTP/2 flow control pushes back on the client.",
+    )
     max_streams_per_connection: int = Field(
         default=256,
         gt=0,
