@@ -267,13 +267,19 @@ def _warmup_value(
             try:
                 value = np.array([path.read_bytes()], dtype=object)
             except OSError as exc:
-                raise LoadError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+                raise LoadError(
+                    f"{where}: cannot read {context.display(path)}: {exc.strerror or exc}"
+                ) from None
         elif set(value) == {"npy"}:
             path = context.resolve(value["npy"])
             try:
                 value = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise LoadError(f"{where}: cannot read {path}: {exc}") from None
+            except OSError as exc:
+                raise LoadError(
+                    f"{where}: cannot read {context.display(path)}: {exc.strerror or exc}"
+                ) from None
+            except ValueError as exc:
+                raise LoadError(f"{where}: cannot read {context.display(path)}: {exc}") from None
         else:
             raise LoadError(f"{where}: expected a value, {{ file = PATH }} or {{ npy = PATH }}, got {value}")
     dtype = object if spec.dtype is None else spec.dtype
