@@ -194,6 +194,7 @@ class PluginContext:
 
 
 # An absolute POSIX path inside free text: a "/" that starts a word (not "a/b", "1/2" nor a URL's "//").
+_ERRNO = re.compile(r"\[Errno -?\d+\] ")
 _ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]{}<>]+")
 
 
@@ -211,7 +212,9 @@ def display_path(path: str | Path, root: Path) -> str:
 
 
 def public_text(text: str, root: Path) -> str:
-    """Free text with absolute paths replaced by what `display_path` shows (root-relative or a file name)."""
+    """Free text with absolute paths replaced by what `display_path` shows (root-relative or a file name),
+    and without OSError's "[Errno 2] " prefix, which tells callers nothing the words after it do not."""
+    text = _ERRNO.sub("", text)
     return _ABSOLUTE.sub(lambda match: display_path(match.group(), root), text)
 
 
