@@ -269,6 +269,11 @@ class Runtime(Protocol):
     cannot be served. The server owns batching, queueing, threads, metrics and errors: `run` is called with
     a whole batch (concatenated along the first axis when the model batches), at most once at a time per
     instance, from a worker thread or (for runs shorter than a thread hand-off) the event loop.
+
+    Names are the runtime's own: the core applies config.toml's `inputs.NAME` / `outputs.NAME` renames and
+    shapes. Optional members: `threads` and `spinning` (for the log), and `tune(inline: bool) -> bool`, called
+    once after warm-up with whether one-row batches run on the event loop; returning True (it changed how it
+    runs: the `onnx` runtime stops spinning) makes the server warm and measure it again. See docs/plugins.md.
     """
 
     inputs: Sequence[TensorSpec]
