@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,12 +81,6 @@ def _log_cpu_fallback(reason: str) -> None:
     log.info("CUDA unavailable, models with providers='auto' run on CPU: %s", reason)
 
 
-def threads_per_session(total: int, sessions: int) -> int:
-    """Splits the inference threads between all sessions so they do not oversubscribe the cores."""
-    cores = total or os.cpu_count() or 1
-    return max(1, cores // max(1, sessions))
-
-
 class OnnxOptions(BaseModel):
     """Options of the `onnx` runtime."""
 
@@ -112,9 +105,8 @@ class OnnxModel:
         self.config = config
         execution = config.execution
         self.providers_requested = resolve_providers(execution.providers, name)
-        self.threads = execution.intra_op_threads or threads_per_session(
-            context.inference_threads, context.sessions
-        )
+        # The config's count, or an even share of the server's inference threads between all sessions.
+        self.threads = execution.intra_op_threads or context.threads
         self._spin = execution.spin
         self.spinning = self._spin != "off"
         self.sessions = self._open(path)
