@@ -681,6 +681,24 @@ async def test_a_lone_request_that_raises_is_logged_once(
     assert model.sizes == [1]
 
 
+class Unsliceable(np.ndarray):
+    """An output that passes the row check but breaks when split back to the callers."""
+
+    def __getitem__(self, key: Any) -> Any:
+        raise RuntimeError("cannot slice")
+
+
+async def test_outputs_that_cannot_be_split_fail_their_callers_and_the_batcher_serves_on(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.answer = lambda inputs: {"y": np.zeros((len(inputs["x"]), 1)).view(Unsliceable)}
+    batcher = make(model)
+    outcomes = await as_one_batch(batcher, model, [rows(1.0), rows(2.0)])
+    assert all(isinstance(o, ModelRunError) and "RuntimeError: cannot slice" in str(o) for o in outcomes)
+    model.answer = lambda inputs: {"y": inputs["x"] * 2}
+    assert (await within(batcher.submit(rows(4.0))))["y"].tolist() == [[8.0]]
+    assert_idle(batcher)
+
+
 # -- instances, policies, drain ------------------------------------------------------------------------
 
 

@@ -481,6 +481,13 @@ class Batcher:
             run_time = time.monotonic() - start
             batch.fail(lambda: BatcherClosedError(f"model '{name}': shut down before the request finished"))
             raise
+        except Exception as exc:
+            # Not the run's failure (that is returned, not raised) but splitting its outputs: fail what is
+            # still unanswered rather than leave callers waiting or stop the dispatcher.
+            error = exc
+            cause = exc  # `exc` is unbound once the except clause ends
+            batch.fail(lambda: _run_error(name, cause))
+            log.error("model '%s': answering a run of %s failed", name, _size(batch), exc_info=exc)
         finally:
             self._in_flight -= batch.rows
             self._free.append(instance)
