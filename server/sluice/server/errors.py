@@ -109,7 +109,7 @@ _BATCHER_CODES: dict[type[BatcherError], Code] = {
 def to_status(exc: BaseException, context: str) -> tuple[Code, str]:
     """Maps any exception to the status and message a caller sees; logs what the caller must not see.
 
-    `context` names the call (model and request id) for the log line.
+    `context` names the call (model and request id) for the log line of an unexpected error.
     """
     if isinstance(exc, SluiceError):
         return exc.code, exc.message
@@ -123,8 +123,8 @@ def to_status(exc: BaseException, context: str) -> tuple[Code, str]:
         else:
             code = Code.INTERNAL
         if isinstance(exc, ModelRunError):
-            # The model's own failure: say which model failed, keep its internals in the log.
-            log.error("%s: %s", context, exc, exc_info=exc.__cause__ or exc)
+            # The model's own failure: say which model failed, keep its internals in the log, where the
+            # scheduler wrote them once per failed run (not once per request of the batch).
             return code, f"model '{exc.model}' failed to run this request's batch; {LOG_HINT}"
         return code, str(exc)
     log.error("%s: unexpected error", context, exc_info=exc)
