@@ -166,7 +166,7 @@ def _status(channel: grpc.Channel, method: str, body: bytes) -> tuple[str, str]:
     try:
         channel.unary_unary(method, **RAW)(body, timeout=20)
     except grpc.RpcError as error:
-        return error.code().name, error.details() or ""  # type: ignore[attr-defined]
+        return error.code().name, error.details() or ""
     return "OK", ""
 
 

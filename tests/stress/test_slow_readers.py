@@ -71,8 +71,8 @@ async def test_a_stream_client_that_never_reads_pins_a_bounded_amount(tmp_path: 
             written = 0
             try:
                 for n in range(10_000):
-                    # A write that cannot finish in 2 s means the server stopped reading: pushback.
-                    await asyncio.wait_for(call.write(predict_bytes("m", f"r{n}")), 2)
+                    # A write that cannot finish in 1 s means the server stopped reading: pushback.
+                    await asyncio.wait_for(call.write(predict_bytes("m", f"r{n}")), 1)
                     written += 1
             except TimeoutError:
                 pass
