@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from stress.harness import (
     PREDICT,
@@ -35,11 +34,6 @@ def _repo(tmp_path: Path) -> Path:
     return repo
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: calls in flight at SIGTERM end CANCELLED (gRPC's stop() cancels them long before "
-    "the grace period ends)",
-)
 async def test_sigterm_under_256_closed_loop_callers_loses_nothing(tmp_path: Path) -> None:
     ledger = Ledger()
     with sluice_serve(
@@ -79,11 +73,6 @@ async def test_sigterm_under_256_closed_loop_callers_loses_nothing(tmp_path: Pat
     assert code == 0, f"sluice serve exited {code}"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: at SIGTERM, some runs end open streams CANCELLED with requests they had sent "
-    "unanswered (about 1 run in 3 here)",
-)
 async def test_sigterm_under_300_open_streams_answers_every_request_sent(tmp_path: Path) -> None:
     requests = Ledger()  # every request by id: its in-band answer, or its stream's end if none came
     streams = Ledger()

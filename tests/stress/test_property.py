@@ -175,10 +175,6 @@ PROPERTY = settings(
 )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: unparseable (truncated or bit-flipped) requests end UNKNOWN; huge BYTES shapes INTERNAL",
-)
 @PROPERTY
 @given(body=v1_requests())
 def test_any_mutated_predict_gets_a_caller_status(
@@ -189,10 +185,6 @@ def test_any_mutated_predict_gets_a_caller_status(
     assert server.alive()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: unparseable (truncated or bit-flipped) requests end UNKNOWN; huge BYTES shapes INTERNAL",
-)
 @PROPERTY
 @given(body=kserve_requests())
 def test_any_mutated_model_infer_gets_a_caller_status(

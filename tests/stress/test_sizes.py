@@ -81,10 +81,6 @@ class Case:
 # does allocate): nothing in between, where a bug would allocate gigabytes on a shared test machine.
 HUGE = (2**63 - 1, 2**62, 2**40)
 DENSE = (*HUGE, 2**23)
-FAILS_TODAY = (
-    "issue 10: the element array is allocated from the declared shape before the bytes are counted: huge "
-    "shapes end INTERNAL, 2**23 allocates hundreds of MiB"
-)
 
 
 def _cases() -> Iterator[object]:
@@ -101,9 +97,7 @@ def _cases() -> Iterator[object]:
     ]:
         for shape in shapes:
             case = Case(protocol, kind, datatype, shape)
-            fails = kind == "raw" and datatype in ("BYTES", "STRING")
-            marks = [pytest.mark.xfail(strict=False, reason=FAILS_TODAY)] if fails else []
-            yield pytest.param(case, id=str(case), marks=marks)
+            yield pytest.param(case, id=str(case))
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +153,6 @@ HUNDRED_MIB = 100 * MiB
 BIG_REQUESTS = 6
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: a rejected request stays alive in a reference cycle through the exception until the "
-    "next garbage collection, and glibc's dynamic mmap threshold keeps freed large buffers in the heap",
-)
 async def test_rejected_100_mib_requests_leave_rss_where_it_was(server: ServerProcess) -> None:
     rows = HUNDRED_MIB // 4
     x = pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[rows], raw_contents=bytes(HUNDRED_MIB))

@@ -15,7 +15,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import pytest
 
 from stress.harness import (
     PREDICT,
@@ -57,11 +56,6 @@ async def _settled_rss(server: ServerProcess, limit_s: float = 10.0) -> int:
     return last
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: a stream's window frees its slot when an answer is computed, not when it is sent: "
-    "answers pile up for a client that never reads",
-)
 async def test_a_stream_client_that_never_reads_pins_a_bounded_amount(tmp_path: Path) -> None:
     with sluice_serve(_repo(tmp_path), tmp_path / "server.log") as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -95,11 +89,6 @@ PER_CALL = 32 * 1024
 SLACK = 16 * MiB
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: no limit on concurrent streams: every unary call a client never reads stays pinned "
-    "with its answer",
-)
 async def test_a_unary_client_that_never_reads_pins_a_bounded_amount(tmp_path: Path) -> None:
     with sluice_serve(_repo(tmp_path), tmp_path / "server.log") as server:
         async with grpc.aio.insecure_channel(server.address) as channel:

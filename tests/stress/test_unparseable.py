@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import pytest
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from stress.harness import (
@@ -35,11 +34,6 @@ def _repo(tmp_path: Path) -> Path:
     return repo
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: unparseable bytes end UNKNOWN 'Unexpected <class DecodeError>' and log a traceback "
-    "per message",
-)
 async def test_unparseable_unary_requests_get_invalid_argument_and_one_log_line(tmp_path: Path) -> None:
     with sluice_serve(_repo(tmp_path), tmp_path / "server.log") as server:
         lines_before = len(server.log_text().splitlines())
@@ -68,10 +62,6 @@ async def test_unparseable_unary_requests_get_invalid_argument_and_one_log_line(
     assert len(log) < 20, found + "\n".join(log[:10])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: one unparseable message ends the whole StreamPredict stream with UNKNOWN",
-)
 async def test_an_unparseable_message_on_a_stream_gets_an_in_band_error_and_the_stream_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -97,10 +87,6 @@ async def test_an_unparseable_message_on_a_stream_gets_an_in_band_error_and_the_
     assert bad == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"], answers
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: one unparseable message ends the whole ModelStreamInfer stream with UNKNOWN",
-)
 async def test_an_unparseable_message_on_a_kserve_stream_gets_an_in_band_error(tmp_path: Path) -> None:
     with sluice_serve(_repo(tmp_path), tmp_path / "server.log") as server:
         async with grpc.aio.insecure_channel(server.address) as channel:

@@ -27,6 +27,12 @@ from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
 
+QUIET_S = 0.2
+"""How long a stopping server must see no new call before it closes its ports."""
+PENDING_CALLS = 1 << 16
+"""gRPC core's backlog of calls not yet handed to the server: far above Sluice's own limits, so that
+overload is decided (and answered, and counted) by Sluice, not cancelled by gRPC core."""
+
 
 def bundled_repository() -> Path:
     """The example repository: shipped inside the wheel, or at examples/models in a source checkout."""
@@ -90,6 +96,12 @@ class SluiceServer:
                 # Calls one connection may have open: a client queues the rest, so a connection that
                 # never reads its answers pins a bounded amount of memory.
                 ("grpc.max_concurrent_streams", self.settings.max_streams_per_connection),
+                # Count the streams HTTP/2 counts, as the client does: with gRPC's default "overload
+                # protection", streams that ended but are not yet freed count too, and the server refuses
+                # calls (REFUSED_STREAM, UNAVAILABLE) that a client sent well within the advertised limit.
+                ("grpc.http.overload_protection", 0),
+                ("grpc.server.max_pending_requests", PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
             ],
         )
         # Registered methods are matched inside gRPC core, with no Python lookup per call.
@@ -176,6 +188,9 @@ class SluiceServer:
         await asyncio.gather(*(s.scheduler.drain(max(0.0, deadline - time.monotonic())) for s in servables))
         plane.cut_streams()
         await plane.idle(1.0)  # the calls the batchers just failed send their UNAVAILABLE
+        # Calls gRPC has received but not yet handed over would end CANCELLED when it stops: refuse until
+        # callers have gone quiet (at most until the grace period is over).
+        await plane.quiet(QUIET_S, max(deadline, time.monotonic() + QUIET_S))
         if self._server is not None:
             # Every handler has returned: the grace here only lets the last answers leave.
             await self._server.stop(1.0)

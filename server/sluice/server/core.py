@@ -133,6 +133,8 @@ class DataPlane:
         self._idle: asyncio.Event | None = None
         self._open: set[Stoppable] = set()
         self._cutting = False
+        self.last_arrival = 0.0
+        """When the last call, stream or stream message arrived (time.monotonic())."""
 
     # -- the server's state ---------------------------------------------------------------------------
 
@@ -174,6 +176,7 @@ class DataPlane:
 
     def enter(self) -> None:
         """Admits one unary call or stream message, or refuses it before any of it is decoded."""
+        self.last_arrival = time.monotonic()
         if self.phase is Phase.CLOSING:
             raise unavailable("the server is shutting down; retry on another replica")
         if self.inflight >= self.limits.max_inflight:
@@ -192,6 +195,7 @@ class DataPlane:
 
     def open_stream(self) -> None:
         """Admits one stream, or refuses it."""
+        self.last_arrival = time.monotonic()
         if self.phase is Phase.CLOSING:
             raise unavailable("the server is shutting down; retry on another replica")
         if self.streams >= self.limits.max_streams:
@@ -218,6 +222,19 @@ class DataPlane:
         finally:
             self._idle = None
         return True
+
+    async def quiet(self, gap: float, until: float) -> None:
+        """Waits until no call has arrived for `gap` s, or until `until` (time.monotonic()).
+
+        A caller refused with UNAVAILABLE goes elsewhere; one whose call is still in flight inside gRPC
+        when its server stops would see CANCELLED. So a stopping server goes on refusing until callers
+        have gone quiet.
+        """
+        while (now := time.monotonic()) < until:
+            left = self.last_arrival + gap - now
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, until - now))
 
     # -- the request path -----------------------------------------------------------------------------
 

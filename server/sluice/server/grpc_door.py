@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from sluice.server import memory
 from sluice.server.core import DataPlane
 from sluice.server.errors import Code, SluiceError, clip, to_status
 from sluice.server.streams import AnswerStream
@@ -31,6 +32,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
 """Each neutral status as gRPC's: the names and numbers are gRPC's own."""
+
+LARGE = 1 << 20
+"""A request this large makes the server give freed memory back to the system once it is over."""
 
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
@@ -89,31 +93,45 @@ def unary(
 ) -> grpc.RpcMethodHandler[bytes, Response]:
     """A unary method: admitted, parsed, answered, counted; every failure a status with a message."""
 
-    async def handle(data: bytes, context: Context) -> Response:
-        started = time.monotonic()
+    async def attempt(
+        data: bytes, context: Context, started: float
+    ) -> tuple[Response | None, Code, str, str]:
+        """The call's response and status; the parsed request lives only in this frame."""
         model = ""
+        try:
+            request = parse(data)
+            model = model_of(request)
+            response = await answer(request, _deadline(context, started))
+        except asyncio.CancelledError:
+            plane.count(model, method, Code.CANCELLED, started)
+            raise
+        except Exception as exc:
+            code, message = to_status(exc, f"{method} model={clip(model)!r}")
+            return None, code, message, model
+        return response, Code.OK, "", model
+
+    async def handle(data: bytes, context: Context) -> Response | _Empty:
+        started = time.monotonic()
+        if len(data) >= LARGE:
+            memory.large_request()
         try:
             plane.enter()
         except SluiceError as exc:
-            code, message = exc.code, exc.message
+            code, message, model = exc.code, exc.message, ""
         else:
             try:
-                request = parse(data)
-                model = model_of(request)
-                response = await answer(request, _deadline(context, started))
-            except asyncio.CancelledError:
-                plane.count(model, method, Code.CANCELLED, started)
-                raise
-            except Exception as exc:
-                code, message = to_status(exc, f"{method} model={clip(model)!r}")
-            else:
-                plane.count(model, method, Code.OK, started)
-                return response
+                response, code, message, model = await attempt(data, context, started)
             finally:
                 plane.leave()
+            if response is not None:
+                plane.count(model, method, Code.OK, started)
+                return response
         plane.count(model, method, code, started)
-        del data
-        await context.abort(GRPC_CODES[code], message)
+        # The status is set, not raised (context.abort): an exception would keep this call's frames, and
+        # with them its request, alive for as long as gRPC holds on to it.
+        context.set_code(GRPC_CODES[code])
+        context.set_details(message)
+        return EMPTY
 
     return grpc.unary_unary_rpc_method_handler(handle, response_serializer=serialize)
 
@@ -133,21 +151,31 @@ def stream(
         try:
             plane.open_stream()
         except SluiceError as exc:
-            await context.abort(GRPC_CODES[exc.code], exc.message)
+            # A refused stream still reads what its client sends and refuses each message in-band: ending
+            # it while the client writes would reach the client as gRPC's "Internal error from Core".
+            refusal: SluiceError | None = exc
+        else:
+            refusal = None
         deadline = _deadline(context, time.monotonic())
 
         async def one(data: bytes) -> Response:
             # Parsed before admission: even a refused message's answer must carry its id.
             started = time.monotonic()
+            if len(data) >= LARGE:
+                memory.large_request()
             request: Request | None = None
             model = ""
             try:
                 request = parse(data)
                 model = model_of(request)
-                plane.enter()
+                if refusal is None:
+                    plane.enter()
             except SluiceError as exc:
                 code, message = exc.code, exc.message
             else:
+                if refusal is not None:
+                    plane.count(model, method, refusal.code, started)
+                    return failed(request, refusal.code, refusal.message)
                 try:
                     response = await answer(request, deadline)
                 except Exception as exc:
@@ -167,11 +195,24 @@ def stream(
                 yield item
         finally:
             plane.untrack(answers)
-            plane.close_stream()
+            if refusal is None:
+                plane.close_stream()
         if answers.cut:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if refusal is not None:
+            await context.abort(GRPC_CODES[refusal.code], refusal.message)
 
     return grpc.stream_stream_rpc_method_handler(handle, response_serializer=serialize)
+
+
+class _Empty:
+    """What a failed unary call returns: its status is set on the context, and nothing is sent."""
+
+    def SerializeToString(self, **kwargs: Any) -> bytes:  # noqa: N802
+        return b""
+
+
+EMPTY = _Empty()
 
 
 def serialize(message: _Message) -> bytes:

@@ -67,7 +67,7 @@ class ServerSettings(BaseSettings):
         "before it refuses new calls; a few seconds let Kubernetes take the pod out of its endpoints first.",
     )
     max_inflight: int = Field(
-        default=1024,
+        default=4096,
         gt=0,
         description="Unary calls and stream messages answered at once; more get RESOURCE_EXHAUSTED before "
         "their tensors are decoded.",
@@ -84,7 +84,7 @@ class ServerSettings(BaseSettings):
         "server reads no more of the stream and HTTP/2 flow control pushes back on the client.",
     )
     max_streams_per_connection: int = Field(
-        default=256,
+        default=1024,
         gt=0,
         description="HTTP/2 streams (calls) one connection may have open; a client queues calls beyond it.",
     )
