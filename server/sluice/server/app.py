@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sluice.server import kserve
+from sluice.server import kserve, rest
 from sluice.server.metrics import Metrics
 from sluice.server.probes import Probes
 from sluice.server.repository import ModelRepository
@@ -53,6 +53,8 @@ class SluiceServer:
         self.probes = Probes()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._rest: rest.RestServer | None = None
         self._loading: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
 
@@ -80,7 +82,8 @@ class SluiceServer:
             ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
-        kserve.add_to_server(kserve.KServeService(self.service), self._server)
+        kserve_service = kserve.KServeService(self.service)
+        kserve.add_to_server(kserve_service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
         await self.probes.starting(list(self.repository.models))
         if self.settings.reflection:
@@ -109,6 +112,9 @@ class SluiceServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._server.start()
+        if self.settings.http_port >= 0:
+            self._rest = rest.RestServer(rest.ServerAdapter(kserve_service), self.settings)
+            self.http_port = await self._rest.start(self.settings.host, self.settings.http_port)
         log.info(
             "serving repository=%s grpc=%s%s metrics=%s",
             self.repository.root,
@@ -149,6 +155,8 @@ class SluiceServer:
         await asyncio.gather(*(s.scheduler.drain(grace) for s in servables))
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if self._rest is not None:
+            await self._rest.stop()
         for servable in servables:
             servable.close()
         self.metrics.close()
