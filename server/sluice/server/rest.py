@@ -134,7 +134,11 @@ class ServerAdapter:
         ]
         return kpb.ModelStatisticsResponse(model_stats=stats)
 
-    def index(self, ready: bool) -> kpb.RepositoryIndexResponse:
+    def index(self, ready: bool, repository: str = "") -> kpb.RepositoryIndexResponse:
+        if repository:
+            raise SluiceError(
+                grpc.StatusCode.NOT_FOUND, f"no repository named '{repository}'; Sluice serves one, named ''"
+            )
         return kserve_models.index(list(self._repository.models.values()), ready)
 
     def target(self, name: str, version: str) -> Target:
@@ -283,6 +287,7 @@ class RestServer:
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await self._read(request)
         ready = False
+        repository = ""
         if body.strip():
             try:
                 asked = json.loads(body)
@@ -290,16 +295,12 @@ class RestServer:
                 raise invalid(f"the request body is not valid JSON: {exc}") from None
             if not isinstance(asked, dict):
                 raise invalid('the request body must be a JSON object, such as {"ready": true}')
-            if asked.get("repository_name"):
-                raise SluiceError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"no repository named '{asked['repository_name']}'; Sluice serves one, named ''",
-                )
+            repository = str(asked.get("repository_name") or "")
             ready = asked.get("ready", False)
             if not isinstance(ready, bool):
                 raise invalid(f"'ready' must be true or false, got {json.dumps(ready)}")
         # Triton answers the list itself, not RepositoryIndexResponse's {"models": [...]}.
-        index = rest_codec.message_json(self.adapter.index(ready))
+        index = rest_codec.message_json(self.adapter.index(ready, repository))
         return _json(index["models"])
 
     async def infer(self, request: web.Request) -> web.Response:
