@@ -524,6 +524,23 @@ async def test_tls_uses_the_grpc_ports_certificate(repo: Path, tmp_path: Path) -
         await server.stop(0)
 
 
+async def test_mutual_tls_requires_a_client_certificate(repo: Path, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)  # a CA of its own: it signs itself, and so vouches for the client
+    server = await _serve(_repository(repo), tls_cert=cert, tls_key=key, tls_client_ca=cert)
+    try:
+        anonymous = ssl.create_default_context(cafile=str(cert))
+        known = ssl.create_default_context(cafile=str(cert))
+        known.load_cert_chain(cert, key)
+        async with aiohttp.ClientSession(f"https://127.0.0.1:{server.http_port}") as session:
+            async with session.get("/v2/models/add", ssl=known) as response:
+                assert response.status == 200
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get("/v2/models/add", ssl=anonymous) as response:
+                    await response.read()
+    finally:
+        await server.stop(0)
+
+
 async def test_draining_refuses_new_requests_and_answers_those_in_flight(repo: Path) -> None:
     (repo / "gate" / "1").mkdir(parents=True)
     (repo / "gate" / "config.toml").write_text(GATE_CONFIG)
