@@ -580,6 +580,27 @@ def _wait_for(path: Path) -> bool:
     return False
 
 
+async def test_a_model_that_failed_to_load(repo: Path) -> None:
+    save(add_model(1.0), repo / "add" / "1" / "model.onnx")
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    server = await _serve(repo)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as session:
+            rest = Rest(server, session)
+            assert (await rest.get("/v2/health/live"))[0] == 200
+            assert (await rest.get("/v2/health/ready"))[0] == 400  # as strict as grpc.health.v1's ""
+            assert (await rest.get("/v2/models/broken/ready"))[0] == 400
+            status, answer = await rest.post("/v2/models/broken/infer", _infer(X))
+            assert status == 503
+            assert answer["error"].startswith("model 'broken' has no version ready")
+            status, index = await rest.post("/v2/repository/index")
+            states = {(m["name"], m["version"]): m["state"] for m in index}
+            assert states == {("add", "1"): "READY", ("broken", "1"): "UNAVAILABLE"}
+    finally:
+        await server.stop(0)
+
+
 async def test_http_port_off(repo: Path) -> None:
     server = await _serve(_repository(repo), http_port=-1)
     try:
