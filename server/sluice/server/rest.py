@@ -15,47 +15,43 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
-import numpy.typing as npt
 from aiohttp import web
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
 from sluice.server import kserve_models, rest_codec
-from sluice.server.errors import SluiceError, invalid, to_status, unavailable
-from sluice.server.kserve import EXTENSIONS, KServeService, _as_specified, _version
+from sluice.server.core import InferRequest, InferResult
+from sluice.server.errors import Code, SluiceError, clip, invalid, not_found, to_status
+from sluice.server.kserve import EXTENSIONS, KServeService
+from sluice.server.kserve_tensors import describe, model_version
 from sluice.server.pipeline import Servable
-from sluice.server.plugins import TensorSpec
-from sluice.server.service import Phase
 from sluice.server.settings import ServerSettings
-from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
 
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
+HTTP_STATUS: dict[Code, int] = {
+    Code.OK: 200,
+    Code.CANCELLED: 499,
+    Code.UNKNOWN: 500,
+    Code.INVALID_ARGUMENT: 400,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.PERMISSION_DENIED: 403,
+    Code.UNAUTHENTICATED: 401,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.FAILED_PRECONDITION: 400,
+    Code.ABORTED: 409,
+    Code.OUT_OF_RANGE: 400,
+    Code.UNIMPLEMENTED: 501,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.DATA_LOSS: 500,
 }
-"""Sluice's status codes as HTTP statuses: Google's mapping of gRPC codes (google/rpc/code.proto), which
+"""Sluice's statuses as HTTP statuses: Google's mapping of gRPC codes (google/rpc/code.proto), which
 agrees with Triton's HTTP server on every code Triton has (400, 404, 500, 501, 503)."""
 
 OPEN_PATHS = ("/v2/health/",)
@@ -63,46 +59,29 @@ OPEN_PATHS = ("/v2/health/",)
 TOKEN_MESSAGE = "missing or invalid bearer token: send the header 'Authorization: Bearer <token>'"
 JSON = "application/json"
 BINARY = "application/octet-stream"
+METHOD = "REST ModelInfer"
 _READ_CHUNK = 1 << 16
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A model version a request names, resolved: what the door needs to decode the request's tensors."""
-
-    name: str
-    version: str
-    inputs: tuple[TensorSpec, ...]
-    max_bytes: int
-    handle: object
-    """The adapter's own reference to the model; the door hands it back to `ServerAdapter.infer`."""
-
-
 class ServerAdapter:
-    """Every call the REST door makes into the server, over today's repository and servables, the way the
-    KServe gRPC door (`kserve.py`) makes them; its answers are that door's messages."""
+    """Every call the REST door makes into the server: the data plane and what the KServe gRPC door keeps
+    (its version, last_inference), so both bindings of the protocol answer alike."""
 
     def __init__(self, kserve: KServeService) -> None:
         self._kserve = kserve  # shares last_inference with the gRPC door: one API, two bindings
-        self._service = kserve.service
-        self._repository = kserve.repository
-        self._metrics = kserve.metrics
+        self._plane = kserve.plane
+        self._repository = kserve.plane.repository
         self.version = kserve.version
 
     def live(self) -> bool:
-        return self._service.phase is not Phase.DRAINING
+        return self._plane.live()
 
     def ready(self) -> bool:
-        entries = self._repository.models.values()
-        return (
-            self._service.phase is Phase.SERVING
-            and bool(entries)
-            and all(entry.state == pb.MODEL_STATE_READY for entry in entries)
-        )
+        return self._plane.ready()
 
     def model_ready(self, name: str, version: str) -> bool:
-        number = _version(version)  # a malformed version is the caller's mistake, not "not ready"
-        if self._service.phase is Phase.DRAINING:
+        number = model_version(version)  # a malformed version is the caller's mistake, not "not ready"
+        if not self._plane.live():
             return False
         try:
             self._repository.resolve(name, number)
@@ -121,7 +100,7 @@ class ServerAdapter:
         if name:
             servables = [self._servable(name, version)]
         elif version:
-            raise invalid(f"a version ('{version}') needs a model name")
+            raise invalid(f"a version ('{clip(version)}') needs a model name")
         else:
             servables = [
                 entry.default.servable
@@ -129,60 +108,44 @@ class ServerAdapter:
                 if entry.default is not None and entry.default.servable is not None
             ]
         last = self._kserve.last_inference
-        stats = [
-            kserve_models.statistics(s, str(s.version), self._metrics, last.get(s.name, 0)) for s in servables
-        ]
+        metrics = self._plane.metrics
+        stats = [kserve_models.statistics(s, str(s.version), metrics, last.get(s.name, 0)) for s in servables]
         return kpb.ModelStatisticsResponse(model_stats=stats)
 
     def index(self, ready: bool, repository: str = "") -> kpb.RepositoryIndexResponse:
         if repository:
-            raise SluiceError(
-                grpc.StatusCode.NOT_FOUND, f"no repository named '{repository}'; Sluice serves one, named ''"
-            )
+            raise not_found(f"no repository named '{clip(repository)}'; Sluice serves one, named ''")
         return kserve_models.index(list(self._repository.models.values()), ready)
 
-    def target(self, name: str, version: str) -> Target:
-        """The model version an infer request names; UNAVAILABLE once the server is draining."""
-        if self._service.phase is Phase.DRAINING:
-            raise unavailable("the server is shutting down; retry on another replica")
-        servable = self._servable(name, version)
-        return Target(servable.name, str(servable.version), servable.inputs, servable.max_bytes, servable)
+    def admit(self) -> None:
+        """Admits one infer request (the server's phase and in-flight budget), or refuses it."""
+        self._plane.enter()
 
-    async def infer(
-        self,
-        target: Target,
-        arrays: Mapping[str, npt.NDArray[Any]],
-        outputs: Sequence[str],
-        *,
-        priority: int,
-        deadline: float | None,
-    ) -> dict[str, npt.NDArray[Any]]:
-        """Checks the inputs together, runs them through the model's pipeline and batcher, and gives the
-        outputs asked for (all when none are named), in order."""
-        servable = target.handle
-        assert isinstance(servable, Servable)
-        feeds = _as_specified(servable, dict(arrays))
-        servable.check_inputs(feeds)
-        names = servable.output_names(outputs) if outputs else tuple(spec.name for spec in servable.outputs)
-        result = await servable.infer(feeds, names, priority=priority, deadline=deadline)
-        self._kserve.last_inference[servable.name] = time.time_ns() // 1_000_000
-        return {name: result[name] for name in names}
+    def release(self) -> None:
+        """One admitted request has its answer."""
+        self._plane.leave()
 
-    def count(self, model: str, method: str, code: str, seconds: float) -> None:
-        # Unknown model names are not used as labels: a caller must not be able to grow the metrics.
-        self._metrics.count_request(model if model in self._repository.models else "", method, code, seconds)
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Looks the model up, checks and decodes the inputs, and runs the pipeline (HTTP has no deadline
+        of its own: the request's `timeout` parameter is the only one)."""
+        result = await self._plane.infer(request, None, describe)
+        self._kserve.last_inference[result.servable.name] = time.time_ns() // 1_000_000
+        return result
+
+    def count(self, model: str, code: Code, started: float) -> None:
+        self._plane.count(model, METHOD, code, started)
 
     def _servable(self, name: str, version: str) -> Servable:
         if not name:
             raise invalid("no model name given")
-        return self._repository.resolve(name, _version(version))
+        return self._repository.resolve(name, model_version(version))
 
 
 class BodyTooLargeError(SluiceError):
     """A request body over max_message_bytes: 413, refused before it is read whole."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        super().__init__(Code.RESOURCE_EXHAUSTED, message)
 
 
 def ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
@@ -304,40 +267,42 @@ class RestServer:
         return _json(index["models"])
 
     async def infer(self, request: web.Request) -> web.Response:
+        """The shared skeleton of a door: admitted, parsed, answered, counted; every failure a status."""
         started = time.monotonic()
         model, version = _names(request)
         try:
-            response = await self._infer(request, model, version)
-        except asyncio.CancelledError:
-            self.adapter.count(model, "REST ModelInfer", "CANCELLED", time.monotonic() - started)
-            raise
-        except Exception as exc:
-            code, message = to_status(exc, f"REST ModelInfer model={model!r}")
-            self.adapter.count(model, "REST ModelInfer", code.name, time.monotonic() - started)
-            return error_response(413 if isinstance(exc, BodyTooLargeError) else HTTP_STATUS[code], message)
-        self.adapter.count(model, "REST ModelInfer", "OK", time.monotonic() - started)
-        return response
+            self.adapter.admit()
+        except SluiceError as exc:
+            code, message, too_large = exc.code, exc.message, False
+        else:
+            try:
+                response = await self._infer(request, model, version)
+            except asyncio.CancelledError:
+                self.adapter.count(model, Code.CANCELLED, started)
+                raise
+            except Exception as exc:
+                code, message = to_status(exc, f"{METHOD} model={clip(model)!r}")
+                too_large = isinstance(exc, BodyTooLargeError)
+            else:
+                self.adapter.count(model, Code.OK, started)
+                return response
+            finally:
+                self.adapter.release()
+        self.adapter.count(model, code, started)
+        return error_response(413 if too_large else HTTP_STATUS[code], message)
 
     async def _infer(self, request: web.Request, model: str, version: str) -> web.Response:
-        target = self.adapter.target(model, version)
         body = await self._read(request)
         parsed, binary = rest_codec.split_body(body, request.headers.get(rest_codec.HEADER_LENGTH))
-        request_id = parsed.get("id", "")
-        if not isinstance(request_id, str):
-            raise invalid(f"'id' must be a string, got {json.dumps(request_id)}")
-        parameters = rest_codec.field(parsed, "parameters", dict, "", {})
-        priority = rest_codec.integer_parameter(parameters, "priority") or 0
-        timeout_us = rest_codec.integer_parameter(parameters, "timeout")
-        if timeout_us is not None and timeout_us < 0:
-            raise invalid(f"parameter 'timeout': expected microseconds >= 0, got {timeout_us}")
-        deadline = None if timeout_us is None else time.monotonic() + timeout_us / 1e6
-        names, binary_outputs, binary_default = rest_codec.binary_outputs(parsed)
-        arrays = rest_codec.decode_inputs(parsed, binary, target.inputs, target.name, target.max_bytes)
-        outputs = await self.adapter.infer(target, arrays, names, priority=priority, deadline=deadline)
-        tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
-        answer: dict[str, Any] = {"model_name": target.name, "model_version": target.version}
-        if request_id:
-            answer["id"] = request_id
+        del body
+        infer = rest_codec.to_request(parsed, binary, model, version)
+        _, binary_outputs, binary_default = rest_codec.binary_outputs(parsed)
+        result = await self.adapter.infer(infer)
+        tensors, chunks = rest_codec.encode_outputs(dict(result.outputs), binary_outputs, binary_default)
+        servable = result.servable
+        answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
+        if infer.id:
+            answer["id"] = infer.id
         answer["outputs"] = tensors
         header = json.dumps(answer).encode()
         if not chunks:

@@ -1,5 +1,5 @@
-"""The KServe v2 REST wire: JSON tensors, Triton's binary tensor data extension, and Triton's JSON forms
-of the protocol's messages.
+"""The KServe v2 REST codec: JSON tensors and Triton's binary tensor data extension to the data plane's
+request and back, and Triton's JSON forms of the protocol's messages.
 
 An infer body is a JSON object, optionally followed by binary tensor data: then the request's
 `Inference-Header-Content-Length` header says where the JSON ends, and each input that travels in binary
@@ -8,8 +8,9 @@ raw tensor memory as in `raw_input_contents` (little-endian, row-major; BYTES el
 little-endian length and the bytes). JSON `data` is flat or nested (only the element count must match the
 shape); BYTES elements are strings, or base64 when the tensor's `content_type` parameter says `base64`.
 
-Every size is checked from the numbers a caller sent before anything is allocated: a declared shape of
-2**62 elements with three values is refused by arithmetic, not by trying.
+What needs no model is checked here (JSON types, data type names, binary sizes); the rest is the data
+plane's, as for every door, and every size is checked from the numbers a caller sent before anything is
+allocated: a declared shape of 2**62 elements with three values is refused by arithmetic, not by trying.
 """
 
 from __future__ import annotations
@@ -17,28 +18,32 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from sluice.server.errors import SluiceError, invalid
-from sluice.server.kserve_tensors import BYTES, describe, encode_output, kserve_type
-from sluice.server.kserve_tensors import _datatype as kserve_datatype
-from sluice.server.plugins import TensorSpec
-from sluice.server.tensors import datatype_of, decode_strings, format_shape, numpy_dtype, type_name
-from sluice.v1 import inference_pb2 as pb
+from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor
+from sluice.server.errors import clip, invalid
+from sluice.server.kserve_tensors import (
+    _NUMERIC,
+    _TYPE_LIST,
+    BYTES,
+    encode_output,
+    kserve_type,
+    model_version,
+)
+from sluice.wire import datatype_of, numpy_dtype, type_name
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """Triton's header: the length of the JSON part of a body that carries binary tensor data."""
 BASE64 = "base64"
-_VARIABLE = (pb.DATA_TYPE_STRING, pb.DATA_TYPE_BYTES)
+BINARY_FIELD = "binary data"
+"""What messages call the bytes of an input sent with the binary extension."""
 # JSON numbers, read by the kind of numpy array json's values make: which kinds each target kind takes.
 _TAKES_KIND = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true or false", "i": "integers", "u": "integers", "f": "numbers"}
@@ -59,7 +64,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
     end = len(body)
     if header_length is not None:
         if not header_length.isascii() or not header_length.isdigit():
-            raise invalid(f"{HEADER_LENGTH} must be a byte count, got '{header_length}'")
+            raise invalid(f"{HEADER_LENGTH} must be a byte count, got '{clip(header_length)}'")
         end = int(header_length)
         if end > len(body):
             raise invalid(f"{HEADER_LENGTH} is {end}, but the body has only {len(body)} bytes")
@@ -85,47 +90,45 @@ def field(obj: Mapping[str, Any], name: str, kind: type, what: str, default: Any
     return value
 
 
-def decode_inputs(
-    request: Mapping[str, Any], binary: memoryview, specs: Sequence[TensorSpec], model: str, max_bytes: int
-) -> dict[str, npt.NDArray[Any]]:
-    """The request's inputs as arrays, each checked against its spec (name, type, shape, element count).
+def to_request(request: Mapping[str, Any], binary: memoryview, model: str, version: str) -> InferRequest:
+    """An infer body as the data plane's request (the model and version come from the path)."""
+    request_id = request.get("id", "")
+    if not isinstance(request_id, str):
+        raise invalid(f"'id' must be a string, got {_json_kind(request_id)}")
+    parameters = field(request, "parameters", dict, "", {})
+    timeout_us = integer_parameter(parameters, "timeout")
+    if timeout_us is not None and timeout_us < 0:
+        raise invalid(f"parameter 'timeout': expected microseconds >= 0, got {timeout_us}")
+    names, _, _ = binary_outputs(request)
+    return InferRequest(
+        model=model,
+        version=model_version(version),
+        id=request_id,
+        inputs=_inputs(request, binary),
+        outputs=names,
+        priority=integer_parameter(parameters, "priority") or 0,
+        timeout=None if timeout_us is None else timeout_us / 1e6,
+    )
 
-    What concerns the inputs together (none missing, rows that agree) is left to the server's own checks, as
-    for the gRPC doors.
-    """
-    by_name = {spec.name: spec for spec in specs}
-    tensors = field(request, "inputs", list, "", [])
-    arrays: dict[str, npt.NDArray[Any]] = {}
-    size = 0
+
+def _inputs(request: Mapping[str, Any], binary: memoryview) -> list[WireTensor]:
+    tensors: list[WireTensor] = []
     offset = 0
-    for tensor in tensors:
+    for tensor in field(request, "inputs", list, "", []):
         if not isinstance(tensor, dict):
             raise invalid(f"each entry of 'inputs' must be an object, got {_json_kind(tensor)}")
         name = field(tensor, "name", str, "an input's ", "")
-        spec = by_name.get(name)
-        if spec is None:
-            takes = ", ".join(f"'{s.name}' ({describe(s)})" for s in specs)
-            raise invalid(
-                f"model '{model}' has no input '{name}'; it takes {takes}"
-                if name
-                else f"an input tensor has no name; model '{model}' takes {takes}"
-            )
-        if name in arrays:
-            raise invalid(f"input '{name}' is given twice")
-        what = f"input '{name}'"
+        what = f"input '{clip(name)}'"
         parameters = field(tensor, "parameters", dict, f"{what}: ", {})
         if "shared_memory_region" in parameters:
             raise invalid(
                 f"{what}: Sluice does not support shared memory; send the tensor in 'data' or as binary data"
             )
-        datatype = kserve_datatype(field(tensor, "datatype", str, f"{what}: ", ""), spec, what)
+        label = field(tensor, "datatype", str, f"{what}: ", "")
+        datatype = ANY_VARIABLE if label == BYTES else _NUMERIC.get(label)
+        if datatype is None:
+            raise invalid(f"{what}: datatype must be one of {_TYPE_LIST}, got '{clip(label)}'")
         shape = _shape(tensor.get("shape"), what)
-        if not spec.takes(datatype) or not spec.accepts(shape):
-            got = f"{tensor['datatype']} {format_shape(shape)}"
-            raise invalid(f"{what}: expected {describe(spec)}, got {got}")
-        if min(shape, default=0) < 0:
-            raise invalid(f"{what}: shape dimensions must be >= 0, got {format_shape(shape)}")
-        count = math.prod(shape)
         binary_size = parameters.get("binary_data_size")
         if binary_size is not None:
             if "data" in tensor:
@@ -139,28 +142,31 @@ def decode_inputs(
                     f"{what}: binary_data_size is {binary_size}, but only {len(binary) - offset} bytes of "
                     "binary data remain after the JSON header"
                 )
-            size += binary_size
-            _check_size(size, max_bytes)
-            arrays[name] = _from_binary(binary[offset : offset + binary_size], datatype, shape, count, what)
+            raw = binary[offset : offset + binary_size].tobytes()
             offset += binary_size
+            tensors.append(WireTensor(name, datatype, shape, label, raw=raw, field=BINARY_FIELD))
             continue
         if "data" not in tensor:
             raise invalid(f"{what}: no 'data' and no binary_data_size parameter: send its values")
-        values = _flatten(tensor["data"], count, datatype, shape, what)
-        itemsize = 4 if datatype in _VARIABLE else numpy_dtype(datatype).itemsize
-        size += count * itemsize
-        _check_size(size, max_bytes)
-        if datatype in _VARIABLE:
+        values = _flatten(tensor["data"])
+        if datatype == ANY_VARIABLE:
             base64_data = parameters.get("content_type") == BASE64
-            arrays[name] = _from_strings(values, datatype, base64_data, what).reshape(shape)
+            values = _strings(values, base64_data, what)
+            weight = sum(len(v) for v in values) + 4 * len(values)
         else:
-            arrays[name] = _from_numbers(values, datatype, what).reshape(shape)
+            _check_numbers(values, datatype, what)
+            weight = len(values) * numpy_dtype(datatype).itemsize
+        tensors.append(
+            WireTensor(
+                name, datatype, shape, label, contents=values, contents_field="data", contents_bytes=weight
+            )
+        )
     if offset != len(binary):
         raise invalid(
             f"the request has {len(binary) - offset} bytes of binary data after the JSON header that no "
             "input claims (each binary input gives its binary_data_size)"
         )
-    return arrays
+    return tensors
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
@@ -169,111 +175,63 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _check_size(size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise SluiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the request carries more than {max_bytes} bytes of tensors, over the server's "
-            "max_message_bytes limit (SLUICE_MAX_MESSAGE_BYTES)",
-        )
-
-
-def _from_binary(
-    raw: memoryview, datatype: int, shape: tuple[int, ...], count: int, what: str
-) -> npt.NDArray[Any]:
-    kind = f"{type_name(datatype) if datatype not in _VARIABLE else BYTES} {format_shape(shape)}"
-    if datatype in _VARIABLE:
-        if count * 4 > len(raw):  # every element has its 4-byte length, before any allocation
-            raise invalid(
-                f"{what}: {kind} needs at least {count * 4} bytes of binary data (a 4-byte length per "
-                f"element), got {len(raw)}"
-            )
-        text = datatype == pb.DATA_TYPE_STRING
-        return decode_strings(raw.tobytes(), count, what, text=text).reshape(shape)
-    dtype = numpy_dtype(datatype)
-    if len(raw) != count * dtype.itemsize:
-        raise invalid(f"{what}: {kind} needs {count * dtype.itemsize} bytes of binary data, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def _flatten(data: Any, count: int, datatype: int, shape: tuple[int, ...], what: str) -> list[Any]:
-    """`data`'s elements in row-major order, flat or nested; refused when their number is not `count`."""
+def _flatten(data: Any) -> list[Any]:
+    """`data`'s elements in row-major order, flat or nested (the data plane checks their number)."""
+    if not isinstance(data, list):
+        return [data]
     flat: list[Any] = []
-    if isinstance(data, list):
-        stack: list[Iterator[Any]] = [iter(data)]
-        while stack:
-            for item in stack[-1]:
-                if isinstance(item, list):
-                    stack.append(iter(item))
-                    break
-                flat.append(item)
-            else:
-                stack.pop()
-    else:
-        flat.append(data)
-    if len(flat) != count:
-        name = BYTES if datatype in _VARIABLE else type_name(datatype)
-        raise invalid(f"{what}: {name} {format_shape(shape)} needs {count} values in 'data', got {len(flat)}")
+    stack: list[Iterator[Any]] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
     return flat
 
 
-def _from_numbers(values: list[Any], datatype: int, what: str) -> npt.NDArray[Any]:
-    dtype = numpy_dtype(datatype)
-    target = dtype.kind
+def _check_numbers(values: list[Any], datatype: int, what: str) -> None:
+    """JSON values of the right kind for a numeric type: no strings for numbers, no 1.5 for an integer.
+    Ranges are the data plane's to check, as for typed contents."""
     if not values:
-        return np.empty(0, dtype)
+        return
+    target = numpy_dtype(datatype).kind
     try:
-        read = np.array(values)
+        kind = np.array(values).dtype.kind
     except (OverflowError, ValueError):
-        read = np.array(values, dtype=object)
-    if read.dtype.kind not in _TAKES_KIND[target]:
-        bad = next(
-            (
-                i
-                for i, v in enumerate(values)
-                if not isinstance(v, bool | int | float)
-                or (isinstance(v, bool) != (target == "b"))
-                or (target in "iu" and isinstance(v, float))
-            ),
-            None,
-        )
-        if bad is not None:
+        kind = "O"
+    if kind in _TAKES_KIND[target]:
+        return
+    for i, v in enumerate(values):
+        if (
+            not isinstance(v, bool | int | float)
+            or isinstance(v, bool) != (target == "b")
+            or (target in "iu" and isinstance(v, float))
+        ):
             raise invalid(
-                f"{what}: {type_name(datatype)} data must be {_KIND_WORDS[target]}; element {bad} is "
-                f"{json.dumps(values[bad])}"
+                f"{what}: {type_name(datatype)} data must be {_KIND_WORDS[target]}; element {i} is "
+                f"{_json_kind(v)}"
             )
-        # Integers past int64 and uint64 both: numpy keeps them as Python ints.
-        big = max(values, key=abs)
-        raise invalid(f"{what}: value {big} in data does not fit {type_name(datatype)}")
-    if target in "iu":
-        info = np.iinfo(dtype.str)
-        low, high = read.min(), read.max()
-        if low < info.min or high > info.max:
-            bad_value = low if low < info.min else high
-            raise invalid(f"{what}: value {bad_value} in data does not fit {type_name(datatype)}")
-    return read.astype(dtype)
+    # Integers past 64 bits: numpy keeps them as Python ints.
+    big = max(values, key=abs)
+    raise invalid(f"{what}: value {big} in data does not fit {type_name(datatype)}")
 
 
-def _from_strings(values: list[Any], datatype: int, base64_data: bool, what: str) -> npt.NDArray[np.object_]:
-    out = np.empty(len(values), dtype=object)
-    text = datatype == pb.DATA_TYPE_STRING
+def _strings(values: list[Any], base64_data: bool, what: str) -> list[str | bytes]:
+    """BYTES elements: strings, or the bytes their base64 stands for."""
+    out: list[str | bytes] = []
     for i, item in enumerate(values):
         if not isinstance(item, str):
-            raise invalid(f"{what}: BYTES data must be strings; element {i} is {json.dumps(item)}")
+            raise invalid(f"{what}: BYTES data must be strings; element {i} is {_json_kind(item)}")
         if base64_data:
             try:
-                raw = base64.b64decode(item, validate=True)
+                out.append(base64.b64decode(item, validate=True))
             except binascii.Error:
                 raise invalid(f"{what}: element {i} is not valid base64") from None
-            if text:
-                try:
-                    out[i] = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise invalid(f"{what}: element {i} is not valid UTF-8 text ({exc.reason})") from None
-            else:
-                out[i] = raw
         else:
-            out[i] = item if text else item.encode("utf-8")
+            out.append(item)
     return out
 
 
