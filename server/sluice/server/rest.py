@@ -1,10 +1,11 @@
 """The Open Inference Protocol's REST binding (KServe v2 over HTTP/1.1), with the Triton extensions its
 tools call: an aiohttp server on the server's own event loop, on a port of its own.
 
-The door is thin: it routes, reads bodies (refusing one over max_message_bytes before it is read whole),
-checks the bearer token, turns JSON and binary tensor data into arrays (`rest_codec`), and maps errors to
-HTTP statuses once (`HTTP_STATUS`). Everything it asks of the server goes through `ServerAdapter`, so the
-door does not depend on how the server keeps its models; the answers are those of the KServe gRPC door.
+A door of the data plane (`core.py`), like the gRPC ones: it routes, reads bodies (refusing one over
+max_message_bytes before it is read whole), checks the bearer token, lets `rest_codec` turn JSON and binary
+tensor data into the plane's request and its answer back, and runs the same skeleton as `grpc_door.unary`
+(admit, answer, count) with statuses mapped to HTTP once (`HTTP_STATUS`). Everything it asks of the server
+goes through `ServerAdapter`; the answers are those of the KServe gRPC door.
 """
 
 from __future__ import annotations
