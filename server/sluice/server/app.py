@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sluice.server import kserve, service
+from sluice.server import kserve, rest, service
 from sluice.server.core import DataPlane, Limits, Phase
 from sluice.server.metrics import Metrics
 from sluice.server.probes import Probes
@@ -69,6 +69,8 @@ class SluiceServer:
         self.probes = Probes()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._rest: rest.RestServer | None = None
         self._loading: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
 
@@ -106,7 +108,8 @@ class SluiceServer:
         )
         # Registered methods are matched inside gRPC core, with no Python lookup per call.
         self._server.add_registered_method_handlers(service.SERVICE_NAME, self.service.handlers())  # type: ignore[attr-defined]
-        kserve.add_to_server(kserve.KServeService(self.plane), self._server)
+        kserve_service = kserve.KServeService(self.plane)
+        kserve.add_to_server(kserve_service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
         await self.probes.starting(list(self.repository.models))
         if self.settings.reflection:
@@ -135,6 +138,9 @@ class SluiceServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._server.start()
+        if self.settings.http_port >= 0:
+            self._rest = rest.RestServer(rest.ServerAdapter(kserve_service), self.settings)
+            self.http_port = await self._rest.start(self.settings.host, self.settings.http_port)
         log.info(
             "serving repository=%s grpc=%s%s metrics=%s",
             self.repository.root,
@@ -194,6 +200,8 @@ class SluiceServer:
         if self._server is not None:
             # Every handler has returned: the grace here only lets the last answers leave.
             await self._server.stop(1.0)
+        if self._rest is not None:
+            await self._rest.stop()
         for servable in servables:
             servable.close()
         self.metrics.close()

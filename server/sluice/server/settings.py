@@ -26,6 +26,12 @@ class ServerSettings(BaseSettings):
         description="Interface the gRPC port binds to; 0.0.0.0 exposes it to the network.",
     )
     port: int = Field(default=8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int = Field(
+        default=8000,
+        ge=-1,
+        le=65535,
+        description="KServe v2 REST port (HTTP, on `host`); 0 picks a free one, -1 turns it off.",
+    )
     unix_socket: str | None = Field(
         default=None, description="Also serve on this unix socket path (clients dial unix:PATH)."
     )
