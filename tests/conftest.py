@@ -16,7 +16,7 @@ from sluice.v1 import inference_pb2_grpc as pb_grpc
 @pytest.fixture
 def settings() -> ServerSettings:
     """Settings for an in-process server: the bundled repository, ephemeral ports, no grace."""
-    return ServerSettings(port=0, metrics_port=0, grace_period_s=5)
+    return ServerSettings(port=0, metrics_port=0, http_port=0, grace_period_s=5)
 
 
 @pytest.fixture

@@ -163,7 +163,9 @@ async def serving(
 ) -> AsyncIterator[tuple[SluiceServer, grpc.aio.Channel]]:
     """A server on `repo` (ephemeral port; metrics only when asked), once loading has ended, and a channel."""
     server = SluiceServer(
-        ServerSettings(model_repository=repo, port=0, metrics_port=0 if metrics else -1, grace_period_s=5)
+        ServerSettings(
+            model_repository=repo, port=0, metrics_port=0 if metrics else -1, http_port=-1, grace_period_s=5
+        )
     )
     await server.start()
     try:

@@ -27,7 +27,7 @@ async def served(repo: Path) -> AsyncIterator[SluiceServer]:
     )
     save(slow_model(layers=96), repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n")
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
     await server.start()
     await server.loaded()
     yield server
@@ -106,7 +106,7 @@ async def test_padded_requests_batch_together_and_get_their_own_lengths(repo: Pa
         '[inputs.x]\npad = { axis = 1, dim = "length", value = 0 }\n'
         '[outputs.y]\ncrop = { axis = 1, dim = "length" }\n'
     )
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
     await server.start()
     await server.loaded()
     try:

@@ -77,7 +77,7 @@ async def test_unavailable_is_retried_then_reported(repo: Path) -> None:
     add_digits(repo)
     save(add_model(1.0), repo / "adder" / "2" / "model.onnx")
     (repo / "adder" / "config.toml").write_text("versions = [1]\n")  # no directory 1: the model fails
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
     await server.start()
     await server.loaded()
     try:

@@ -33,7 +33,7 @@ async def test_bundled_model_is_ready(stub: pb_grpc.InferenceStub) -> None:
 
 
 async def _serve(repo: Path) -> SluiceServer:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
     await server.start()
     await server.loaded()
     return server

@@ -47,6 +47,7 @@ class Process:
 
 async def start(*args: str) -> Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_HTTP_PORT"] = "0"
     proc = await asyncio.create_subprocess_exec(
         *SLUICE, "serve", "--port", "0", "--metrics-port", "0", *args,
         stderr=asyncio.subprocess.PIPE, env=env,

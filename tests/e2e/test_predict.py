@@ -88,7 +88,7 @@ async def test_sparse_input_is_densified(
 
 
 async def _serve(repo: Path, **kw: object) -> SluiceServer:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, **kw))  # type: ignore[arg-type]
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1, **kw))  # type: ignore[arg-type]
     await server.start()
     await server.loaded()
     return server

@@ -81,7 +81,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 async def _serve(repo: Path, **kw: object) -> SluiceServer:
     add_digits(repo)
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, **kw))  # type: ignore[arg-type]
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1, **kw))  # type: ignore[arg-type]
     await server.start()
     await server.loaded()
     return server

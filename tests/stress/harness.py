@@ -124,7 +124,14 @@ def sluice_serve(
     """Starts `sluice serve repo` on port 0 with `SLUICE_*` settings, waits until it answers SERVING, and
     kills it on the way out whatever happened."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env.update({"SLUICE_PORT": "0", "SLUICE_METRICS_PORT": "-1", "SLUICE_REFLECTION": "false"})
+    env.update(
+        {
+            "SLUICE_PORT": "0",
+            "SLUICE_METRICS_PORT": "-1",
+            "SLUICE_HTTP_PORT": "-1",
+            "SLUICE_REFLECTION": "false",
+        }
+    )
     env.update({f"SLUICE_{k.upper()}": str(v) for k, v in (settings or {}).items()})
     with open(log, "wb") as err:
         process = subprocess.Popen(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import math
 import time
@@ -338,7 +339,13 @@ def decode_inputs(
             array = decode(raw, datatype, shape, what, tensor.field)
         elif tensor.contents is not None:
             array = from_contents(
-                tensor.contents, tensor.contents_field, datatype, shape, what, tensor.contents_hint
+                tensor.contents,
+                tensor.contents_field,
+                datatype,
+                shape,
+                what,
+                hint=tensor.contents_hint,
+                label=tensor.label,
             )
         else:
             array = decode(b"", datatype, shape, what)
@@ -346,6 +353,23 @@ def decode_inputs(
     if len(arrays) != len(specs) or servable.batching:
         servable.check_complete(arrays, specs, "")
     return arrays
+
+
+def integer_parameter(name: str, value: object) -> int:
+    """A request parameter that must be an integer (priority, timeout), as any door decoded it; the
+    message quotes the value sent, whatever the protocol's way of typing it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        shown = json.dumps(value) if isinstance(value, str | float | bool) or value is None else repr(value)
+        raise invalid(f"parameter '{name}': expected an integer, got {clip(shown)}")
+    return value
+
+
+def timeout_parameter(value: object) -> float:
+    """The `timeout` parameter (microseconds, as Triton's clients send it) in seconds."""
+    micros = integer_parameter("timeout", value)
+    if micros < 0:
+        raise invalid(f"parameter 'timeout': expected microseconds >= 0, got {micros}")
+    return micros / 1e6
 
 
 # What typed contents are read as before the range check and the cast to the input's own dtype.
@@ -358,11 +382,20 @@ _WIDE = {
 
 
 def from_contents(
-    values: Sequence[Any], where: str, datatype: int, shape: tuple[int, ...], what: str, hint: str = ""
+    values: Sequence[Any],
+    where: str,
+    datatype: int,
+    shape: tuple[int, ...],
+    what: str,
+    *,
+    hint: str = "",
+    label: str = "",
 ) -> npt.NDArray[Any]:
-    """Typed values (flat, row-major) as an array; their count is checked before anything is converted."""
+    """Typed values (flat, row-major) as an array; their count is checked before anything is converted.
+
+    `label` is the data type as the caller named it, for messages."""
     count = element_count(shape, what)
-    kind = f"{type_name(datatype)} {format_shape(shape)}"
+    kind = f"{label or type_name(datatype)} {format_shape(shape)}"
     if len(values) != count:
         raise invalid(f"{what}: {kind} needs {count} values in {where}, got {len(values)}{hint}")
     if datatype in VARIABLE:

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
-from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor
+from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor, integer_parameter, timeout_parameter
 from sluice.server.errors import clip, invalid
 from sluice.server.plugins import TensorSpec
 from sluice.v1 import inference_pb2 as pb
@@ -73,9 +73,7 @@ def to_request(request: kpb.ModelInferRequest) -> InferRequest:
                 "contents"
             )
         label = tensor.datatype
-        datatype = ANY_VARIABLE if label == BYTES else _NUMERIC.get(label)
-        if datatype is None:
-            raise invalid(f"{what}: datatype must be one of {_TYPE_LIST}, got '{clip(label)}'")
+        datatype = wire_datatype(label, what)
         shape = tuple(tensor.shape)
         if raw:
             if tensor.HasField("contents"):
@@ -113,6 +111,14 @@ def to_request(request: kpb.ModelInferRequest) -> InferRequest:
         priority=priority(parameters) if parameters else 0,
         timeout=timeout(parameters) if parameters else None,
     )
+
+
+def wire_datatype(label: str, what: str) -> int:
+    """Sluice's data type for a KServe datatype name; BYTES is ANY_VARIABLE (the input's STRING or BYTES)."""
+    datatype = ANY_VARIABLE if label == BYTES else _NUMERIC.get(label)
+    if datatype is None:
+        raise invalid(f"{what}: datatype must be one of {_TYPE_LIST}, got '{clip(label)}'")
+    return datatype
 
 
 def model_version(text: str) -> int | None:
@@ -153,32 +159,15 @@ def _contents_field(datatype: int) -> str | None:
 def priority(parameters: Mapping[str, kpb.InferParameter]) -> int:
     """The request's `priority` parameter as Sluice's priority (higher runs first); 0 when absent."""
     param = parameters.get("priority")
-    if param is None:
-        return 0
-    value = _integer(param)
-    if value is None:
-        raise invalid(f"parameter 'priority': expected an int64_param or uint64_param, got {_text(param)}")
-    return value
+    return 0 if param is None else integer_parameter("priority", _value(param))
 
 
 def timeout(parameters: Mapping[str, kpb.InferParameter]) -> float | None:
     """The request's `timeout` parameter (microseconds, as Triton's clients send it) in seconds."""
     param = parameters.get("timeout")
-    if param is None:
-        return None
-    value = _integer(param)
-    if value is None or value < 0:
-        raise invalid(
-            f"parameter 'timeout': expected microseconds >= 0 as an int64_param, got {_text(param)}"
-        )
-    return value / 1e6
+    return None if param is None else timeout_parameter(_value(param))
 
 
-def _integer(param: kpb.InferParameter) -> int | None:
+def _value(param: kpb.InferParameter) -> object:
     kind = param.WhichOneof("parameter_choice")
-    return int(getattr(param, kind)) if kind in ("int64_param", "uint64_param") else None
-
-
-def _text(param: kpb.InferParameter) -> str:
-    kind = param.WhichOneof("parameter_choice")
-    return f"{kind} {getattr(param, kind)!r}" if kind else "no value"
+    return None if kind is None else getattr(param, kind)

@@ -27,16 +27,9 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor
+from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor, integer_parameter, timeout_parameter
 from sluice.server.errors import clip, invalid
-from sluice.server.kserve_tensors import (
-    _NUMERIC,
-    _TYPE_LIST,
-    BYTES,
-    encode_output,
-    kserve_type,
-    model_version,
-)
+from sluice.server.kserve_tensors import BYTES, encode_output, kserve_type, model_version, wire_datatype
 from sluice.wire import datatype_of, numpy_dtype, type_name
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -96,9 +89,6 @@ def to_request(request: Mapping[str, Any], binary: memoryview, model: str, versi
     if not isinstance(request_id, str):
         raise invalid(f"'id' must be a string, got {_json_kind(request_id)}")
     parameters = field(request, "parameters", dict, "", {})
-    timeout_us = integer_parameter(parameters, "timeout")
-    if timeout_us is not None and timeout_us < 0:
-        raise invalid(f"parameter 'timeout': expected microseconds >= 0, got {timeout_us}")
     names, _, _ = binary_outputs(request)
     return InferRequest(
         model=model,
@@ -106,8 +96,8 @@ def to_request(request: Mapping[str, Any], binary: memoryview, model: str, versi
         id=request_id,
         inputs=_inputs(request, binary),
         outputs=names,
-        priority=integer_parameter(parameters, "priority") or 0,
-        timeout=None if timeout_us is None else timeout_us / 1e6,
+        priority=integer_parameter("priority", parameters["priority"]) if "priority" in parameters else 0,
+        timeout=timeout_parameter(parameters["timeout"]) if "timeout" in parameters else None,
     )
 
 
@@ -125,9 +115,7 @@ def _inputs(request: Mapping[str, Any], binary: memoryview) -> list[WireTensor]:
                 f"{what}: Sluice does not support shared memory; send the tensor in 'data' or as binary data"
             )
         label = field(tensor, "datatype", str, f"{what}: ", "")
-        datatype = ANY_VARIABLE if label == BYTES else _NUMERIC.get(label)
-        if datatype is None:
-            raise invalid(f"{what}: datatype must be one of {_TYPE_LIST}, got '{clip(label)}'")
+        datatype = wire_datatype(label, what)
         shape = _shape(tensor.get("shape"), what)
         binary_size = parameters.get("binary_data_size")
         if binary_size is not None:
@@ -254,16 +242,6 @@ def binary_outputs(request: Mapping[str, Any]) -> tuple[list[str], dict[str, boo
                 raise invalid(f"output '{name}': binary_data must be true or false, got {json.dumps(wants)}")
             binary[name] = wants
     return names, binary, default
-
-
-def integer_parameter(parameters: Mapping[str, Any], name: str) -> int | None:
-    """An integer request parameter (priority, timeout); None when absent."""
-    value = parameters.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"parameter '{name}': expected an integer, got {json.dumps(value)}")
-    return value
 
 
 def encode_outputs(

@@ -7,8 +7,8 @@ from typing import Any
 import grpc
 
 from sluice.server import grpc_door
-from sluice.server.core import DataPlane, InferRequest, InferResult, Phase, WireTensor
-from sluice.server.errors import Code, SluiceError, invalid
+from sluice.server.core import DataPlane, InferRequest, InferResult, Phase, WireTensor, integer_parameter
+from sluice.server.errors import Code, SluiceError
 from sluice.server.tensors import encode
 from sluice.v1 import inference_pb2 as pb
 
@@ -66,9 +66,7 @@ def _priority(message: pb.PredictRequest) -> int:
     if param is None:
         return 0
     kind = param.WhichOneof("value")
-    if kind != "int64_value":
-        raise invalid(f"parameter 'priority': expected an int64_value, got {kind or 'nothing'}")
-    return param.int64_value
+    return integer_parameter("priority", None if kind is None else getattr(param, kind))
 
 
 class InferenceService:
