@@ -14,7 +14,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.server.config import ModelConfig
+from sluice.server.config import ModelConfig, other_model_files
 from sluice.server.plugins import LoadError, PluginContext, TensorSpec
 from sluice.server.tensors import format_shape
 from sluice.v1 import inference_pb2 as pb
@@ -102,7 +102,7 @@ class OnnxModel:
         path = context.version_dir / options.file
         threads, spinning = context.threads, context.spinning
         if not path.is_file():
-            raise LoadError(f"{path}: no such file")
+            raise LoadError(f"{path}: no such file{other_model_files(path)}")
         self.name = name
         self.version = version
         self.config = config
@@ -183,6 +183,13 @@ def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: P
         if datatype is None:
             raise LoadError(
                 f"{path}: {kind[:-1]} '{node.name}' has type {node.type}, which Sluice cannot serve"
+                + (
+                    "; this is the ZipMap of a scikit-learn classifier: export it without one, "
+                    "skl2onnx.to_onnx(model, X, options={id(model): {'zipmap': False}}), to get a "
+                    "probabilities tensor"
+                    if node.type.startswith("seq(map(")
+                    else ""
+                )
             )
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
         override = overrides.get(node.name)
