@@ -4,8 +4,8 @@
         outputs = client.predict("digits", pixels=images)      # numpy in, numpy out
 
 Calls that only read (Predict, Health) are retried with exponential backoff when the server answers
-UNAVAILABLE (a replica draining, a model still loading); every failure surfaces as `SluiceError`, carrying
-the gRPC status code and the server's message.
+UNAVAILABLE (a replica draining or restarting, a model still loading) or cancels them while stopping;
+every failure surfaces as `SluiceError`, carrying the gRPC status code and the server's message.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class Retry:
     maximum: float = 1.0
     jitter: float = 0.1
     """Each delay is moved by up to this fraction, so that callers cut off together do not return together."""
-    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+    """UNAVAILABLE: draining, loading, or not listening. CANCELLED: a stopping gRPC server cancels the calls
+    it had received but not started. This client never cancels a call of its own with an RpcError (an
+    asyncio caller's cancellation raises CancelledError instead), so either means the call did not run."""
 
     def delays(self) -> Iterator[float]:
         delay = self.initial
