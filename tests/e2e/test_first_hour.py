@@ -160,6 +160,25 @@ async def test_a_taken_metrics_port_is_one_line() -> None:
     )
 
 
+async def test_a_missing_repository_or_socket_directory_is_one_line(tmp_path: Path) -> None:
+    code, out, err = await sluice("serve", str(tmp_path / "modles"), "--port", "0", "--metrics-port", "-1")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"sluice serve: model_repository={tmp_path / 'modles'}: not a directory; give the directory that holds "
+        "your models (<repository>/<model>/<version>/model.onnx), or leave it out to serve the bundled examples\n"
+    )
+    socket_path = tmp_path / "gone" / "sluice.sock"
+    code, out, err = await sluice(
+        "serve", "--port", "0", "--metrics-port", "-1", "--unix-socket", str(socket_path)
+    )
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == (
+        f"sluice serve: unix_socket={socket_path}: cannot bind it; check that its directory exists and is "
+        "writable, and remove a socket file left by a server that is gone"
+    )
+    assert "Traceback" not in err
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

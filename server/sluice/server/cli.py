@@ -105,14 +105,19 @@ def _serve(args: argparse.Namespace) -> int:
     server = SluiceServer(settings)
     try:
         run(server.serve(), settings.event_loop)
-    except StartupError as exc:
-        print(f"sluice serve: {exc}", file=sys.stderr)
-        return 2
     except RuntimeError as exc:
-        # grpc's bind failure; the preflight saw the port free, so something took it since.
+        # grpc's bind failure. The preflight saw the TCP port free, so something took it since, or the
+        # unix socket could not be made.
         if not str(exc).startswith("Failed to bind"):
             raise
-        print(f"sluice serve: {_port_taken('port', settings.host, settings.port)}", file=sys.stderr)
+        if settings.unix_socket and f"unix:{settings.unix_socket}" in str(exc):
+            problem = (
+                f"unix_socket={settings.unix_socket}: cannot bind it; check that its directory exists and "
+                "is writable, and remove a socket file left by a server that is gone"
+            )
+        else:
+            problem = _port_taken("port", settings.host, settings.port)
+        print(f"sluice serve: {problem}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -125,7 +130,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def preflight(settings: ServerSettings) -> None:
-    """Checks what grpc would only report as "Failed to bind": taken ports, unusable TLS files."""
+    """Checks what grpc would only report as "Failed to bind" (taken ports, unusable TLS files), and the
+    repository, before any model loads."""
+    repository = settings.model_repository
+    if repository is not None and not repository.is_dir():
+        raise StartupError(
+            f"model_repository={repository}: not a directory; give the directory that holds your models "
+            "(<repository>/<model>/<version>/model.onnx), or leave it out to serve the bundled examples"
+        )
     _check_tls(settings)
     grpc_port = (settings.host, settings.port)
     if settings.metrics_port > 0 and (settings.metrics_host, settings.metrics_port) == grpc_port:
