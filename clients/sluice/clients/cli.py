@@ -158,7 +158,11 @@ def _json_array(
                 f"{where}: expected numbers (the model takes {_type(spec.datatype)}), got {what} at {at}"
             )
     _rectangular(data, where, "")
-    return np.asarray(data, dtype=dtype)
+    try:
+        return np.asarray(data, dtype=dtype)
+    except (OverflowError, TypeError, ValueError) as exc:  # a number too large for the model's type, say
+        wanted = f" as {_type(spec.datatype)}" if spec is not None else ""
+        raise ValueError(f"{where}: cannot be read{wanted}: {exc}") from None
 
 
 def _first_non_number(data: Any, at: str) -> tuple[str, str] | None:
