@@ -17,9 +17,10 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sluice.clients.codec import to_array as decode_tensor
+from sluice.clients.codec import to_tensor
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
-from sluice.server.tensors import encode
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 
@@ -120,7 +121,7 @@ def add_digits(repo: Path, name: str = "digits") -> Path:
 
 
 def tensor(name: str, array: npt.ArrayLike) -> pb.Tensor:
-    return encode(name, np.asarray(array))
+    return to_tensor(name, array)
 
 
 def request(
@@ -134,9 +135,7 @@ def request(
 
 def to_array(t: pb.Tensor) -> npt.NDArray[np.generic]:
     """Decodes a response tensor the way a client would."""
-    from sluice.server.tensors import decode
-
-    return decode(t, f"output '{t.name}'", 1 << 30)
+    return decode_tensor(t)
 
 
 def outputs(response: pb.PredictResponse) -> dict[str, npt.NDArray[np.generic]]:

@@ -66,7 +66,8 @@ async def test_broken_models_fail_alone_with_their_reason(repo: Path) -> None:
 
             failed = models["bad_config"]
             assert failed.state == pb.MODEL_STATE_FAILED
-            assert str(bad_config / "config.toml") in failed.reason
+            assert "bad_config/config.toml" in failed.reason
+            assert str(repo) not in failed.reason
             assert "field 'batching.max_batch_size'" in failed.reason
             assert "greater than or equal to 0" in failed.reason
             assert "invalid TOML" in models["bad_toml"].reason

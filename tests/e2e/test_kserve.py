@@ -586,17 +586,26 @@ async def test_draining_refuses_new_requests(repo: Path) -> None:
         assert isinstance(before, kpb.ModelStreamInferResponse)
         assert before.error_message == ""
         stopping = asyncio.ensure_future(server.stop(5))
-        # The stream is still open while the server drains; what it carries now is refused.
+        # What the stream carries now is refused: in-band while the stream is still open, or with the
+        # stream's own status once the server has ended it. Either way the caller is told to go elsewhere.
         await call.write(
             kpb.ModelInferRequest(model_name="add", id="after", inputs=[_typed("x", "FP32", F32)])
         )
-        after = await call.read()
-        assert isinstance(after, kpb.ModelStreamInferResponse)
-        assert after.infer_response.id == "after"
-        assert after.error_message == (
-            "[request id: after] the server is shutting down; retry on another replica"
-        )
-        await call.done_writing()
+        try:
+            after = await call.read()
+        except grpc.aio.AioRpcError as error:
+            cut = (error.code(), error.details())
+            assert cut == (
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down; retry on another replica",
+            )
+        else:
+            assert isinstance(after, kpb.ModelStreamInferResponse)
+            assert after.infer_response.id == "after"
+            assert after.error_message == (
+                "[request id: after] the server is shutting down; retry on another replica"
+            )
+            await call.done_writing()
         await stopping
 
 

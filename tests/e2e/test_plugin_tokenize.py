@@ -262,10 +262,8 @@ async def test_configuration_mistakes_fail_the_model_with_the_reason(repo: Path)
     )
     async with serving(repo) as (_, stub):
         reason = await failure(stub, "nofile")
-        assert (
-            f"looked for {repo / 'nofile' / '1' / 'tokenizer.json'} and {repo / 'nofile' / 'tokenizer.json'}"
-            in reason
-        )
+        assert "looked for nofile/1/tokenizer.json and nofile/tokenizer.json" in reason
+        assert str(repo) not in reason
         error = await refused(stub, request("nofile", text=texts("the cat")))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "tokenizer.json" in (error.details() or "")

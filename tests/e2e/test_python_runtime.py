@@ -230,7 +230,7 @@ async def test_models_that_cannot_load_fail_with_the_reason(repo: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (13, "model 'flaky' failed"),
+        (13, "ValueError: 13 in the batch"),
         (7, "Model.predict returned no output 'y' (it returned 'z')"),
         (5, "Model.predict returned output 'y' as numpy <U32 [1, 2]; it is declared FP32 [-1, 2]"),
     ],

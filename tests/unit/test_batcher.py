@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ T = TypeVar("T")
 
 
 class FakeModel:
-    """Records every batch; each run waits at `gate` until the test opens it."""
+    """Records every batch; each run for which `hold_when` holds waits at `gate` until the test opens it."""
 
     def __init__(self, *, held: bool = False) -> None:
         self.gate = asyncio.Event()
@@ -40,6 +41,7 @@ class FakeModel:
         self.instances: list[int] = []
         self.running = 0
         self.most_running = 0
+        self.hold_when: Callable[[dict[str, Array]], bool] = lambda inputs: True
         self.fail_when: Callable[[dict[str, Array]], bool] = lambda inputs: False
         self.answer: Callable[[dict[str, Array]], Mapping[str, Any]] = lambda inputs: {"y": inputs["x"] * 2}
 
@@ -49,7 +51,8 @@ class FakeModel:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
-            await self.gate.wait()
+            if self.hold_when(inputs):
+                await self.gate.wait()
         finally:
             self.running -= 1
         if self.fail_when(inputs):
@@ -377,10 +380,10 @@ async def test_inputs_that_cannot_batch_are_refused(make: Make) -> None:
 # -- failures ------------------------------------------------------------------------------------------
 
 
-async def test_a_failing_batch_fails_only_its_members(make: Make) -> None:
+async def test_without_isolation_a_failing_batch_fails_all_its_members(make: Make) -> None:
     model = FakeModel(held=True)
     model.fail_when = lambda inputs: bool((inputs["x"] == 0).any())
-    batcher = make(model)
+    batcher = make(model, isolate_failures=False)
     blocker = await hold_instance(batcher, model)
     bad = spawn(batcher, rows(0.0, width=2))
     bad_too = spawn(batcher, rows(1.0, width=2))  # same batch as `bad`
@@ -394,6 +397,7 @@ async def test_a_failing_batch_fails_only_its_members(make: Make) -> None:
         assert isinstance(failed.__cause__, ValueError)
     assert isinstance(outcomes[3], dict)
     assert outcomes[3]["y"].tolist() == [[6.0]]
+    assert model.sizes == [1, 2, 1]  # nothing re-run
     assert (await within(batcher.submit(rows(4.0))))["y"].tolist() == [[8.0]]
     assert_idle(batcher)
 
@@ -414,6 +418,7 @@ async def test_outputs_without_a_row_per_input_row_fail_every_member(make: Make)
     outcomes = await within(asyncio.gather(blocker, first, second, return_exceptions=True))
     assert isinstance(outcomes[0], dict)  # alone in its batch: 1 row in, 1 row out
     assert all(isinstance(o, OutputMismatchError) and "expected 2" in str(o) for o in outcomes[1:])
+    assert model.sizes == [2, 1, 2]  # a model bug, not a poison row: no part is re-run
     assert_idle(batcher)
 
 
@@ -423,6 +428,275 @@ async def test_an_output_that_is_not_an_array_is_a_mismatch(make: Make) -> None:
     batcher = make(model)
     with pytest.raises(OutputMismatchError, match="output 'y' must be an array"):
         await within(batcher.submit(rows(1.0)))
+
+
+# -- failure isolation ----------------------------------------------------------------------------------
+
+POISON = 13.0
+
+
+def poisoned(inputs: dict[str, Array]) -> bool:
+    """The fake model's failure: it raises for any batch holding a POISON value."""
+    return bool((inputs["x"] == POISON).any())
+
+
+async def as_one_batch(
+    batcher: Batcher, model: FakeModel, requests: Sequence[Mapping[str, Array]]
+) -> list[Any]:
+    """Queues `requests` behind a held request, so that they run as one batch; returns their outcomes."""
+    blocker = await hold_instance(batcher, model)
+    tasks = [spawn(batcher, request) for request in requests]
+    await until(lambda: batcher.queue_rows == sum(len(request["x"]) for request in requests))
+    model.gate.set()
+    outcomes = await within(asyncio.gather(blocker, *tasks, return_exceptions=True))
+    assert isinstance(outcomes[0], dict)
+    return outcomes[1:]
+
+
+async def fail_then_hold(
+    batcher: Batcher,
+    model: FakeModel,
+    requests: Sequence[Mapping[str, Array]],
+    hold: Callable[[dict[str, Array]], bool],
+    deadlines: Mapping[int, float] | None = None,
+) -> list[asyncio.Task[dict[str, Array]]]:
+    """Runs `requests` as one batch that fails, and holds the re-run of the part for which `hold` holds.
+
+    `deadlines` maps a request's index to its deadline."""
+    blocker = await hold_instance(batcher, model)
+    deadlines = deadlines or {}
+    tasks = [spawn(batcher, request, deadline=deadlines.get(i)) for i, request in enumerate(requests)]
+    await until(lambda: batcher.queue_rows == sum(len(request["x"]) for request in requests))
+    opened, model.gate = model.gate, asyncio.Event()
+    model.hold_when = hold
+    opened.set()  # the blocker goes on, the batch fails at once, its re-runs go on until `hold`
+    await within(blocker)
+    await until(lambda: model.running == 1)
+    return tasks
+
+
+def batcher_log(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "sluice.batcher"]
+
+
+def assert_answers(values: Sequence[float], outcomes: Sequence[Any]) -> None:
+    """Each request of POISON failed with the model's own error; each other got its own rows."""
+    for value, outcome in zip(values, outcomes, strict=True):
+        if value == POISON:
+            assert isinstance(outcome, ModelRunError), (value, outcome)
+            assert str(outcome) == "model 'test' failed: ValueError: bad batch"
+            assert isinstance(outcome.__cause__, ValueError)
+        else:
+            assert isinstance(outcome, dict), (value, outcome)
+            assert outcome["y"].tolist() == [[2.0 * value]]
+
+
+async def test_a_poison_request_fails_alone_and_the_rest_of_its_batch_is_answered(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    values = [0.0, 1.0, 2.0, 3.0, 4.0, POISON, 6.0, 7.0]
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"):
+        outcomes = await as_one_batch(batcher, model, [rows(value) for value in values])
+    assert_answers(values, outcomes)
+    # The batch, then both halves of each part that failed, depth first, down to the poison request:
+    # 2 runs a level.
+    assert [batch["x"][:, 0].tolist() for batch in model.batches[1:]] == [
+        values,
+        [0.0, 1.0, 2.0, 3.0],
+        [4.0, POISON, 6.0, 7.0],
+        [4.0, POISON],
+        [4.0],
+        [POISON],
+        [6.0, 7.0],
+    ]
+    (logged,) = batcher_log(caplog)  # once for the batch, not once per request or per re-run
+    assert logged.levelno == logging.ERROR
+    assert logged.getMessage() == (
+        "model 'test': a run of 8 requests (8 rows) raised; re-running its parts (6 runs): 1 failed, 7 rescued"
+    )
+    assert logged.exc_info is not None
+    assert isinstance(logged.exc_info[1], ValueError)
+    # The observer sees the batch once, failed with what its run raised; re-runs are not batches.
+    assert recorder.named("batch") == [(1, 1, 1, 1), (8, 8, 8, 1)]
+    assert recorder.named("done") == [(1, None, 0), (8, "ValueError", 0)]
+    assert recorder.named("drop") == []
+    assert (await within(batcher.submit(rows(5.0))))["y"].tolist() == [[10.0]]
+    assert_idle(batcher)
+
+
+async def test_two_poison_requests_fail_and_multi_row_requests_get_their_own_rows(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    batcher = make(model)
+    requests = [rows(0, 1), rows(POISON), rows(2), rows(3, 4), rows(6, POISON)]
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"):
+        outcomes = await as_one_batch(batcher, model, requests)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        if POISON in request["x"]:
+            assert isinstance(outcome, ModelRunError)
+        else:
+            assert isinstance(outcome, dict)
+            assert outcome["y"].tolist() == (request["x"] * 2).tolist()
+    (logged,) = batcher_log(caplog)
+    assert logged.getMessage().endswith("2 failed, 3 rescued")
+    assert_idle(batcher)
+
+
+async def test_a_batch_where_every_request_is_poison_fails_each_after_2n_minus_1_runs(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    batcher = make(model)
+    values = [POISON] * 4
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"):
+        outcomes = await as_one_batch(batcher, model, [rows(value) for value in values])
+    assert_answers(values, outcomes)
+    assert model.sizes == [1, 4, 2, 1, 1, 2, 1, 1]
+    (logged,) = batcher_log(caplog)
+    assert logged.getMessage().endswith("(6 runs): 4 failed, 0 rescued")
+    assert_idle(batcher)
+
+
+async def test_re_runs_are_padded_to_their_own_longest_member_and_cropped_back(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    model.answer = lambda inputs: {"y": inputs["x"] * 10}
+    batcher = make(model, pad={"x": (PadSpec(axis=1, dim="seq", value=-1),)}, crop={"y": ((1, "seq"),)})
+    lengths = [2, 4, 3, 1]
+    requests = [{"x": np.arange(1, n + 1, dtype=np.int64)[None, :] + 10 * i} for i, n in enumerate(lengths)]
+    requests[1]["x"][0, 2] = POISON
+    outcomes = await as_one_batch(batcher, model, requests)
+    assert isinstance(outcomes[1], ModelRunError)
+    for i in (0, 2, 3):
+        assert outcomes[i]["y"].tolist() == (requests[i]["x"] * 10).tolist()
+    # The batch padded to 4, the poison half to 4 (then each alone), the other half to its own longest.
+    assert [batch["x"].shape for batch in model.batches[1:]] == [(4, 4), (2, 4), (1, 2), (1, 4), (2, 3)]
+    assert model.batches[-1]["x"].tolist() == [[21, 22, 23], [31, -1, -1]]
+    assert_idle(batcher)
+
+
+async def test_a_caller_that_leaves_during_isolation_is_not_re_run(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    values = [POISON, 1.0, 2.0, 3.0]
+    tasks = await fail_then_hold(
+        batcher,
+        model,
+        [rows(value) for value in values],
+        lambda inputs: len(inputs["x"]) == 2 and poisoned(inputs),
+    )
+    tasks[2].cancel()  # while the part [POISON, 1] is re-run
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[2]
+    model.gate.set()
+    outcomes = await within(asyncio.gather(*tasks[:2], tasks[3], return_exceptions=True))
+    assert_answers([POISON, 1.0, 3.0], outcomes)
+    assert [batch["x"][:, 0].tolist() for batch in model.batches[1:]] == [
+        [POISON, 1.0, 2.0, 3.0],
+        [POISON, 1.0],
+        [POISON],
+        [1.0],
+        [3.0],  # the caller of 2.0 left: its part re-runs without it
+    ]
+    assert recorder.named("drop") == [("cancelled",)]
+    assert_idle(batcher)
+
+
+async def test_a_deadline_that_passes_during_isolation_fails_only_that_caller(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    recorder = Recorder()
+    batcher = make(model, observer=recorder)
+    values = [POISON, 1.0, 2.0, 3.0]
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"):
+        tasks = await fail_then_hold(
+            batcher,
+            model,
+            [rows(value) for value in values],
+            # The first re-run with POISON in it: [POISON, 1] (unless the batch formed without 2.0).
+            lambda inputs: poisoned(inputs) and len(model.batches) > 2,
+            deadlines={2: time.monotonic() + 0.5},
+        )
+        if len(model.batches[1]["x"]) != 4:
+            pytest.skip("the deadline passed before the batch formed (a very slow machine)")
+        # The part [POISON, 1] is held while the deadline of 2.0 passes.
+        with pytest.raises(DeadlineExpiredError, match="model 'test': deadline expired"):
+            await within(tasks[2])
+        model.gate.set()
+        outcomes = await within(asyncio.gather(*tasks[:2], tasks[3], return_exceptions=True))
+    assert_answers([POISON, 1.0, 3.0], outcomes)
+    assert model.batches[-1]["x"].tolist() == [[3.0]]
+    assert ("deadline",) in recorder.named("drop")
+    (logged,) = batcher_log(caplog)
+    assert logged.getMessage().endswith("1 failed, 2 rescued, 1 left before an answer")
+    assert_idle(batcher)
+
+
+async def test_drain_during_isolation_keeps_answers_given_and_closes_the_rest(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel(held=True)
+    model.fail_when = poisoned
+    batcher = make(model)
+    values = [POISON, 1.0, 2.0, 3.0]
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"):
+        tasks = await fail_then_hold(
+            batcher,
+            model,
+            [rows(value) for value in values],
+            lambda inputs: len(inputs["x"]) == 2 and 2.0 in inputs["x"],
+        )
+        await within(batcher.drain(0.0))
+    outcomes = await within(asyncio.gather(*tasks, return_exceptions=True))
+    assert_answers([POISON, 1.0], outcomes[:2])
+    for closed in outcomes[2:]:
+        assert isinstance(closed, BatcherClosedError)
+    (logged,) = batcher_log(caplog)
+    assert logged.getMessage().endswith("1 failed, 1 rescued, 2 cut short by shutdown")
+    assert_idle(batcher)
+
+
+async def test_a_lone_request_that_raises_is_logged_once(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = FakeModel()
+    model.fail_when = poisoned
+    batcher = make(model)
+    with caplog.at_level(logging.WARNING, logger="sluice.batcher"), pytest.raises(ModelRunError):
+        await within(batcher.submit(rows(POISON)))
+    (logged,) = batcher_log(caplog)
+    assert logged.getMessage() == "model 'test': a run of 1 request (1 row) raised; its request failed"
+    assert logged.exc_info is not None
+    assert model.sizes == [1]
+
+
+class Unsliceable(np.ndarray):
+    """An output that passes the row check but breaks when split back to the callers."""
+
+    def __getitem__(self, key: Any) -> Any:
+        raise RuntimeError("cannot slice")
+
+
+async def test_outputs_that_cannot_be_split_fail_their_callers_and_the_batcher_serves_on(make: Make) -> None:
+    model = FakeModel(held=True)
+    model.answer = lambda inputs: {"y": np.zeros((len(inputs["x"]), 1)).view(Unsliceable)}
+    batcher = make(model)
+    outcomes = await as_one_batch(batcher, model, [rows(1.0), rows(2.0)])
+    assert all(isinstance(o, ModelRunError) and "RuntimeError: cannot slice" in str(o) for o in outcomes)
+    model.answer = lambda inputs: {"y": inputs["x"] * 2}
+    assert (await within(batcher.submit(rows(4.0))))["y"].tolist() == [[8.0]]
+    assert_idle(batcher)
 
 
 # -- instances, policies, drain ------------------------------------------------------------------------
@@ -529,6 +803,7 @@ async def test_the_observer_sees_each_batch_once(make: Make) -> None:
         ({"policy": "eager"}, "policy"),
         ({"pad": {"x": (PadSpec(1, "seq"), PadSpec(1, "len"))}}, "axis twice"),
         ({"crop": {"y": ((1, "seq"),)}}, "not padded"),
+        ({"isolate_failures": "yes"}, "isolate_failures"),
     ],
 )
 def test_bad_settings_are_refused_at_construction(options: dict[str, Any], message: str) -> None:

@@ -1,5 +1,6 @@
 """Property: whatever the sizes, priorities, shapes, interleavings and cancellations, every caller gets
-exactly its own rows back in order, and the batcher ends with nothing queued, in flight or busy."""
+exactly its own rows back in order, and the batcher ends with nothing queued, in flight or busy; and
+whichever requests make the model raise, exactly those fail."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.batcher import Batcher, BatcherConfig, PadSpec
+from sluice.batcher import Batcher, BatcherConfig, ModelRunError, PadSpec
 
 Array = npt.NDArray[Any]
 
@@ -68,7 +69,8 @@ def inputs_of(index: int, request: Request, padded: bool) -> dict[str, Array]:
     return inputs
 
 
-async def play(scenario: Scenario) -> None:
+async def play(scenario: Scenario, poison: frozenset[int] = frozenset()) -> None:
+    """Plays `scenario`; the model raises for any batch holding a row of a request indexed in `poison`."""
     runs = 0
 
     async def run(instance: int, inputs: dict[str, Array]) -> dict[str, Array]:
@@ -78,6 +80,8 @@ async def play(scenario: Scenario) -> None:
         for _ in range(scenario.run_yields[runs % len(scenario.run_yields)]):
             await asyncio.sleep(0)
         runs += 1
+        if poison and np.isin(inputs["x"][:, 0] // 100, list(poison)).any():
+            raise ValueError("poison in the batch")
         outputs = {"y": inputs["x"] * 2, "id": inputs["x"][:, 0].copy()}
         if "tok" in inputs:
             outputs["tok"] = inputs["tok"] + 1
@@ -113,6 +117,10 @@ async def play(scenario: Scenario) -> None:
         if isinstance(outcome, asyncio.CancelledError):
             assert request.cancel_after is not None
             continue
+        if index in poison:
+            assert isinstance(outcome, ModelRunError), outcome
+            assert isinstance(outcome.__cause__, ValueError)
+            continue
         assert isinstance(outcome, dict), outcome
         sent = inputs_of(index, request, scenario.padded)
         np.testing.assert_array_equal(outcome["y"], sent["x"] * 2)
@@ -128,3 +136,9 @@ async def play(scenario: Scenario) -> None:
 @given(scenarios())
 def test_every_caller_gets_exactly_its_own_rows(scenario: Scenario) -> None:
     asyncio.run(play(scenario))
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios(), st.sets(st.integers(0, 19)))
+def test_exactly_the_requests_that_make_the_model_raise_fail(scenario: Scenario, poison: set[int]) -> None:
+    asyncio.run(play(scenario, frozenset(poison)))

@@ -55,6 +55,12 @@ class BatcherConfig:
     """Input name -> axes that may differ between requests and are padded to the batch's longest."""
     crop: Mapping[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
     """Output name -> ((axis, dim), ...) cut back to each request's own length of `dim`."""
+    isolate_failures: bool = True
+    """When a run of several requests raises, re-run halves of them on the same instance until the
+    requests that make the model raise are found, so that only those fail. Turn it off for a model whose
+    runs must not repeat (side effects), or one that fails for whole batches rather than for particular
+    rows (a lost device, a dependency that is down): there every failed batch of n requests costs up to
+    2n - 1 runs instead of one, and the instance stays busy all the while."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
@@ -76,6 +82,8 @@ class BatcherConfig:
             raise ValueError(f"instances must be an int >= 1, got {self.instances!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.isolate_failures, bool):
+            raise ValueError(f"isolate_failures must be True or False, got {self.isolate_failures!r}")
 
         pad: dict[str, tuple[PadSpec, ...]] = {}
         for name, specs in self.pad.items():

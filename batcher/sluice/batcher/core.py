@@ -397,29 +397,35 @@ class Batcher:
         """Takes the next batch out of the queue: `head`'s group, priority then arrival, while it fits."""
         max_items = 1 if self._policy.single_request else sys.maxsize
         members = self._queue.take(head.key, self._config.max_batch_size, max_items)
-        now = time.monotonic()
         # Drop callers that gave up between their last chance to leave the queue and now.
-        if any(m.future.done() or (m.deadline is not None and m.deadline <= now) for m in members):
-            live = []
-            for member in members:
-                expired = member.deadline is not None and member.deadline <= now
-                if member.future.done():
-                    member.state = DROPPED
-                    self._observer.on_drop("deadline" if expired else "cancelled", now - member.arrival)
-                elif expired:
-                    member.state = DROPPED
-                    _set_exception_if_pending(
-                        member.future,
-                        DeadlineExpiredError(
-                            f"model '{self._name}': deadline expired after "
-                            f"{(now - member.arrival) * 1e3:.1f} ms in the queue"
-                        ),
-                    )
-                    self._observer.on_drop("deadline", now - member.arrival)
-                else:
-                    live.append(member)
-            members = live
+        members = self._still_waiting(members, "in the queue")
         return Batch(members) if members else None
+
+    def _still_waiting(self, members: list[Pending], where: str) -> list[Pending]:
+        """`members` less those whose caller left or whose deadline passed; the latter get
+        DeadlineExpiredError, saying they expired `where`. Both count as drops."""
+        now = time.monotonic()
+        if not any(m.future.done() or (m.deadline is not None and m.deadline <= now) for m in members):
+            return members
+        live = []
+        for member in members:
+            expired = member.deadline is not None and member.deadline <= now
+            if member.future.done():
+                member.state = DROPPED
+                self._observer.on_drop("deadline" if expired else "cancelled", now - member.arrival)
+            elif expired:
+                member.state = DROPPED
+                _set_exception_if_pending(
+                    member.future,
+                    DeadlineExpiredError(
+                        f"model '{self._name}': deadline expired after "
+                        f"{(now - member.arrival) * 1e3:.1f} ms {where}"
+                    ),
+                )
+                self._observer.on_drop("deadline", now - member.arrival)
+            else:
+                live.append(member)
+        return live
 
     def _spawn(self, batch: Batch, head: Pending) -> None:
         """Runs `batch` in a task of its own, so the next batch can form and start meanwhile."""
@@ -444,34 +450,44 @@ class Batcher:
         return instance
 
     async def _run_batch(self, batch: Batch, instance: int) -> None:
-        """Runs one batch on `instance` and answers its members; a failure fails only them."""
+        """Runs one batch on `instance` and answers its members; a failure fails only them and, with
+        isolate_failures, only those of them whose own rows make the model raise."""
         name = self._name
         error: BaseException | None = None
         start = time.monotonic()
         run_time = 0.0
         try:
-            inputs = batch.inputs(self._pad)
-            start = time.monotonic()
-            outputs = await self._run(instance, inputs)
-            run_time = time.monotonic() - start
-            problem = batch.mismatch(outputs, self._crop)
-            if problem is not None:
-                message = f"model '{name}': {problem}"
-                error = OutputMismatchError(message, model=self._name)
-                batch.fail(lambda: OutputMismatchError(message, model=self._name))
-            else:
-                batch.deliver(outputs, self._crop)
-                self._load.on_run(batch.rows, run_time)
+            error, run_time = await self._run_once(batch, instance)
+            if isinstance(error, OutputMismatchError):
+                # A model bug, not a poison row: the model ran, so re-running parts would only repeat it.
+                log.error("%s; every request of the batch failed", error)
+            elif error is not None:
+                if self._config.isolate_failures and len(batch.members) > 1:
+                    await self._isolate(batch, instance, error)
+                else:
+                    cause = error
+                    batch.fail(lambda: _run_error(name, cause))
+                    log.error(
+                        "model '%s': a run of %s raised; %s",
+                        name,
+                        _size(batch),
+                        "its request failed"
+                        if len(batch.members) == 1
+                        else "every request of it failed (isolate_failures is off)",
+                        exc_info=error,
+                    )
         except asyncio.CancelledError as exc:
             error = exc
             run_time = time.monotonic() - start
             batch.fail(lambda: BatcherClosedError(f"model '{name}': shut down before the request finished"))
             raise
         except Exception as exc:
+            # Not the run's failure (that is returned, not raised) but splitting its outputs: fail what is
+            # still unanswered rather than leave callers waiting or stop the dispatcher.
             error = exc
-            run_time = time.monotonic() - start
             cause = exc  # `exc` is unbound once the except clause ends
             batch.fail(lambda: _run_error(name, cause))
+            log.error("model '%s': answering a run of %s failed", name, _size(batch), exc_info=exc)
         finally:
             self._in_flight -= batch.rows
             self._free.append(instance)
@@ -482,6 +498,83 @@ class Batcher:
                     self._wakeup.set()
             self._observer.on_batch_done(batch.rows, run_time, error, self.busy)
             self._check_idle()
+
+    async def _run_once(self, batch: Batch, instance: int) -> tuple[Exception | None, float]:
+        """Runs `batch` and answers its members if the outputs split back into their rows.
+
+        Returns what went wrong, if anything, and the run's seconds. An OutputMismatchError has already
+        failed every member; any other error is not yet told to them, so that they can be re-run.
+        """
+        start = time.monotonic()
+        try:
+            inputs = batch.inputs(self._pad)
+            start = time.monotonic()
+            outputs = await self._run(instance, inputs)
+        except Exception as exc:
+            return exc, time.monotonic() - start
+        run_time = time.monotonic() - start
+        problem = batch.mismatch(outputs, self._crop)
+        if problem is not None:
+            message = f"model '{self._name}': {problem}"
+            batch.fail(lambda: OutputMismatchError(message, model=self._name))
+            return OutputMismatchError(message, model=self._name), run_time
+        batch.deliver(outputs, self._crop)
+        self._load.on_run(batch.rows, run_time)
+        return None, run_time
+
+    async def _isolate(self, batch: Batch, instance: int, error: Exception) -> None:
+        """Finds the members whose own rows make the model raise, by re-running halves of the failed
+        batch one after another on the instance it holds, so that every other member gets its answer.
+
+        With one such member among n this costs about 2*log2(n) runs. Logs the failure once, with the
+        traceback of the batch's run and what re-running made of it.
+        """
+        tally = _Tally()
+        try:
+            await self._rerun_halves(batch.members, instance, tally)
+        finally:
+            members = len(batch.members)
+            cut_short = members - tally.failed - tally.rescued - tally.left
+            outcome = f"{tally.failed} failed, {tally.rescued} rescued"
+            if tally.left:
+                outcome += f", {tally.left} left before an answer"
+            if cut_short:
+                outcome += f", {cut_short} cut short by shutdown"
+            log.log(
+                logging.ERROR if tally.failed or cut_short else logging.WARNING,
+                "model '%s': a run of %s raised; re-running its parts (%d runs): %s",
+                self._name,
+                _size(batch),
+                tally.reruns,
+                outcome,
+                exc_info=error,
+            )
+
+    async def _rerun_halves(self, members: list[Pending], instance: int, tally: _Tally) -> None:
+        half = len(members) // 2
+        await self._rerun(members[:half], instance, tally)
+        await self._rerun(members[half:], instance, tally)
+
+    async def _rerun(self, members: list[Pending], instance: int, tally: _Tally) -> None:
+        """Re-runs part of a failed batch; if that fails too, a lone member fails, more are split again."""
+        live = self._still_waiting(members, "while its failed batch was re-run in parts")
+        tally.left += len(members) - len(live)
+        if not live:
+            return
+        part = Batch(live)
+        tally.reruns += 1
+        error, _ = await self._run_once(part, instance)
+        if error is None:
+            answered = sum(not member.future.cancelled() for member in live)
+            tally.rescued += answered
+            tally.left += len(live) - answered
+        elif isinstance(error, OutputMismatchError) or len(live) == 1:
+            if not isinstance(error, OutputMismatchError):
+                cause = error
+                part.fail(lambda: _run_error(self._name, cause))
+            tally.failed += len(live)
+        else:
+            await self._rerun_halves(live, instance, tally)
 
     def _check_idle(self) -> None:
         if (
@@ -504,6 +597,23 @@ class Batcher:
                 item.future, BatcherClosedError(f"model '{self._name}': the batcher stopped unexpectedly")
             )
             self._observer.on_drop("shutdown", now - item.arrival)
+
+
+class _Tally:
+    """What isolating a failed batch made of its members, for the one log line it ends with."""
+
+    __slots__ = ("failed", "left", "reruns", "rescued")
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.rescued = 0
+        self.left = 0
+        self.reruns = 0
+
+
+def _size(batch: Batch) -> str:
+    requests, rows = len(batch.members), batch.rows
+    return f"{requests} request{'s' if requests != 1 else ''} ({rows} row{'s' if rows != 1 else ''})"
 
 
 def _run_error(name: str, cause: Exception) -> ModelRunError:

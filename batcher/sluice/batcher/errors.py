@@ -32,7 +32,8 @@ class BatcherClosedError(BatcherError):
 
 
 class ModelRunError(BatcherError):
-    """The model's run function raised; `__cause__` is what it raised. Only that batch fails.
+    """The model's run function raised; `__cause__` is what it raised. Only the requests that make the
+    model raise get it (BatcherConfig.isolate_failures), or, with isolation off, that batch's requests.
 
     The message is for the log: it may quote the model's own exception. A server shows callers only that
     `model` failed.

@@ -16,7 +16,10 @@ class BatchObserver(Protocol):
         """A request was refused at submit: "queue_full", "too_large" or "closed"."""
 
     def on_drop(self, reason: str, queued_for: float) -> None:
-        """A queued request left without running: "deadline", "cancelled" or "shutdown"."""
+        """A request left without an answer before it ran: "deadline", "cancelled" or "shutdown".
+
+        Also called for a member of a failed batch that leaves before the re-run of its part (see
+        BatcherConfig.isolate_failures): its answer was still to come."""
 
     def on_batch(
         self, rows: int, requests: int, queue_waits: Sequence[float], queue_rows: int, busy: int
@@ -24,7 +27,11 @@ class BatchObserver(Protocol):
         """A batch started running; `queue_waits` holds each member's seconds in the queue."""
 
     def on_batch_done(self, rows: int, run_time: float, error: BaseException | None, busy: int) -> None:
-        """A batch finished, successfully when `error` is None."""
+        """A batch finished, successfully when `error` is None.
+
+        Called once per batch. When its run raised and parts of it were re-run (isolate_failures),
+        `error` is what that first run raised and `run_time` is that run's, whatever the re-runs did:
+        the observer sees neither the re-runs nor their time."""
 
 
 class NullObserver:

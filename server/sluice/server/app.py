@@ -15,15 +15,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sluice.server import kserve
+from sluice.server import kserve, service
+from sluice.server.core import DataPlane, Limits, Phase
 from sluice.server.metrics import Metrics
 from sluice.server.probes import Probes
 from sluice.server.repository import ModelRepository
 from sluice.server.security import BearerToken, server_credentials
-from sluice.server.service import InferenceService, Phase
+from sluice.server.service import InferenceService
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
-from sluice.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sluice.server")
 
@@ -49,7 +49,17 @@ class SluiceServer:
             max_bytes=settings.max_message_bytes,
             inference_threads=settings.inference_threads,
         )
-        self.service = InferenceService(self.repository, self.metrics)
+        self.plane = DataPlane(
+            self.repository,
+            self.metrics,
+            Limits(
+                max_bytes=settings.max_message_bytes,
+                max_inflight=settings.max_inflight,
+                max_streams=settings.max_streams,
+                stream_window=settings.stream_window,
+            ),
+        )
+        self.service = InferenceService(self.plane)
         self.probes = Probes()
         self.port = 0
         self.metrics_port: int | None = None
@@ -77,15 +87,19 @@ class SluiceServer:
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # Calls one connection may have open: a client queues the rest, so a connection that
+                # never reads its answers pins a bounded amount of memory.
+                ("grpc.max_concurrent_streams", self.settings.max_streams_per_connection),
             ],
         )
-        pb_grpc.add_InferenceServicer_to_server(self.service, self._server)
-        kserve.add_to_server(kserve.KServeService(self.service), self._server)
+        # Registered methods are matched inside gRPC core, with no Python lookup per call.
+        self._server.add_registered_method_handlers(service.SERVICE_NAME, self.service.handlers())  # type: ignore[attr-defined]
+        kserve.add_to_server(kserve.KServeService(self.plane), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.probes.servicer, self._server)
         await self.probes.starting(list(self.repository.models))
         if self.settings.reflection:
             names = (
-                pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+                service.SERVICE_NAME,
                 kserve.SERVICE_NAME,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
@@ -122,7 +136,8 @@ class SluiceServer:
 
     async def _load(self) -> None:
         await self.repository.load()
-        self.service.phase = Phase.SERVING
+        if self.plane.phase is Phase.STARTING:
+            self.plane.phase = Phase.SERVING
         await self.probes.loaded({name: entry.state for name, entry in self.repository.models.items()})
         log.info(
             "ready models=%d versions_ready=%d state=%s",
@@ -136,19 +151,34 @@ class SluiceServer:
         assert self._loading is not None, "start() first"
         await asyncio.shield(self._loading)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuses new requests (UNAVAILABLE, Health says DRAINING), finishes queued and in-flight ones
-        within the grace period, then closes the ports."""
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Stops without losing a call: readiness fails at once; after the drain delay new calls get
+        UNAVAILABLE and open streams stop reading; every call and stream message already accepted is
+        answered within the grace period; only then are the rest failed with UNAVAILABLE and the ports
+        closed."""
         grace = self.settings.grace_period_s if grace is None else grace
-        deadline = time.monotonic() + grace
-        self.service.phase = Phase.DRAINING
+        delay = self.settings.drain_delay_s if drain_delay is None else drain_delay
+        plane = self.plane
+        plane.phase = Phase.DRAINING
         await self.probes.draining()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if delay > 0:
+            log.info("draining: still answering for %.1fs while load balancers take this replica out", delay)
+            await asyncio.sleep(delay)
+        deadline = time.monotonic() + grace
+        plane.close()
+        # Accepted calls wait in the batchers, which keep running at full speed until the grace is over.
+        if not await plane.idle(grace):
+            log.warning("grace period of %.1fs over with %d calls unanswered: failing them", grace,
+                        plane.inflight)  # fmt: skip
         servables = self.repository.servables()
-        await asyncio.gather(*(s.scheduler.drain(grace) for s in servables))
+        await asyncio.gather(*(s.scheduler.drain(max(0.0, deadline - time.monotonic())) for s in servables))
+        plane.cut_streams()
+        await plane.idle(1.0)  # the calls the batchers just failed send their UNAVAILABLE
         if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+            # Every handler has returned: the grace here only lets the last answers leave.
+            await self._server.stop(1.0)
         for servable in servables:
             servable.close()
         self.metrics.close()

@@ -188,20 +188,26 @@ class ConfigError(Exception):
     """A config.toml that cannot be used; the message names the file, the field and the reason."""
 
 
-def load_config(path: Path) -> ModelConfig:
-    """Reads and validates a config.toml; a missing file means every default."""
+def load_config(path: Path, shown: str | None = None) -> ModelConfig:
+    """Reads and validates a config.toml; a missing file means every default.
+
+    `shown` names the file in errors (relative to the model repository: callers must not see server paths).
+    """
     if not path.exists():
         return ModelConfig()
+    where = path if shown is None else shown
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: cannot read: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc, ModelConfig)}") from None
+        raise ConfigError(f"{where}: {describe_validation_error(exc, ModelConfig)}") from None
 
 
 def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:

@@ -1,34 +1,27 @@
 """The Open Inference Protocol (KServe v2) servicer, `inference.GRPCInferenceService`, with the Triton
 extensions Triton's clients use (ModelConfig, ModelStatistics, RepositoryIndex).
 
-It is a second front end over the same repository, pipeline, batcher, metrics and error codes as
-sluice.v1.Inference: requests are decoded here, then validated and run by `Servable`, and exceptions
-become statuses through `to_status`, as in `service.py`. The RPCs Sluice does not serve (model loading,
-shared memory, trace and log settings) answer UNIMPLEMENTED with a message saying why.
+A door of the data plane (`core.py`), like sluice.v1.Inference: `kserve_tensors` turns its requests into
+the data plane's and its answers back, and the shared gRPC skeleton (`grpc_door.py`) admits, times, counts
+and maps statuses. The RPCs Sluice does not serve (model loading, shared memory, trace and log settings)
+answer UNIMPLEMENTED with a message saying why.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
-from collections.abc import AsyncIterable, AsyncIterator
 from importlib import metadata as package_metadata
 from typing import Any
 
 import grpc
 
-from sluice.batcher import CooArray
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
-from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
-from sluice.server import kserve_models
-from sluice.server.errors import SluiceError, invalid, to_status, unavailable
-from sluice.server.kserve_tensors import decode_inputs, encode_output, priority, timeout
+from sluice.server import grpc_door, kserve_models
+from sluice.server.core import DataPlane, InferResult
+from sluice.server.errors import Code, SluiceError, clip, invalid
+from sluice.server.kserve_tensors import describe, encode_output, model_version, to_request
 from sluice.server.pipeline import Servable
-from sluice.server.plugins import Arrays
-from sluice.server.service import InferenceService, Phase
-from sluice.server.streams import STREAM_WINDOW, answer_each
-from sluice.v1 import inference_pb2 as pb
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("model_configuration", "statistics")
@@ -48,13 +41,13 @@ _UNSERVED = {
 }
 
 
-class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the repository of a sluice.v1 InferenceService."""
+class KServeService:
+    """inference.GRPCInferenceService over the data plane."""
 
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service  # its phase says whether the server is starting, serving or draining
-        self.repository = service.repository
-        self.metrics = service.metrics
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.repository = plane.repository
+        self.metrics = plane.metrics
         self.last_inference: dict[str, int] = {}
         """Per model, the wall time in ms of the last request this servicer answered OK."""
         try:
@@ -65,28 +58,22 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(  # noqa: N802
         self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kpb.ServerLiveResponse:
-        return kpb.ServerLiveResponse(live=self.service.phase is not Phase.DRAINING)
+        return kpb.ServerLiveResponse(live=self.plane.live())
 
     async def ServerReady(  # noqa: N802
         self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kpb.ServerReadyResponse:
         # As strict as grpc.health.v1's "": every model loaded, none failed, and not draining.
-        entries = self.repository.models.values()
-        ready = (
-            self.service.phase is Phase.SERVING
-            and bool(entries)
-            and all(entry.state == pb.MODEL_STATE_READY for entry in entries)
-        )
-        return kpb.ServerReadyResponse(ready=ready)
+        return kpb.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(  # noqa: N802
         self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kpb.ModelReadyResponse:
         try:
-            version = _version(request.version)
+            version = model_version(request.version)
         except SluiceError as exc:
-            await context.abort(exc.code, exc.message)
-        if self.service.phase is Phase.DRAINING:
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
+        if not self.plane.live():
             return kpb.ModelReadyResponse(ready=False)
         try:
             self.repository.resolve(request.name, version)
@@ -118,7 +105,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
             if request.name:
                 servables = [self._servable(request.name, request.version)]
             elif request.version:
-                raise invalid(f"a version ('{request.version}') needs a model name")
+                raise invalid(f"a version ('{clip(request.version)}') needs a model name")
             else:
                 servables = [
                     entry.default.servable
@@ -126,7 +113,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
                     if entry.default is not None and entry.default.servable is not None
                 ]
         except SluiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
         stats = [
             kserve_models.statistics(s, str(s.version), self.metrics, self.last_inference.get(s.name, 0))
             for s in servables
@@ -139,97 +126,44 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         if request.repository_name:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no repository named '{request.repository_name}'; Sluice serves one, named ''",
+                f"no repository named '{clip(request.repository_name)}'; Sluice serves one, named ''",
             )
         return kserve_models.index(list(self.repository.models.values()), request.ready)
 
-    async def ModelInfer(  # noqa: N802
-        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> kpb.ModelInferResponse:
-        started = time.monotonic()
-        remaining = context.time_remaining()
-        try:
-            response = await self._infer(request, None if remaining is None else started + remaining)
-        except asyncio.CancelledError:
-            self._count(request, "ModelInfer", "CANCELLED", started)
-            raise
-        except Exception as exc:
-            code, message = to_status(exc, f"ModelInfer model={request.model_name!r} id={request.id!r}")
-            self._count(request, "ModelInfer", code.name, started)
-            await context.abort(code, message)
-        self._count(request, "ModelInfer", "OK", started)
-        return response
+    async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
+        result = await self.plane.infer(to_request(request), deadline, describe)
+        return self._response(request, result)
 
-    async def ModelStreamInfer(  # noqa: N802
-        self,
-        request_iterator: AsyncIterable[kpb.ModelInferRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+    async def stream_answer(
+        self, request: kpb.ModelInferRequest, deadline: float | None
+    ) -> kpb.ModelStreamInferResponse:
+        return kpb.ModelStreamInferResponse(infer_response=await self.infer(request, deadline))
 
-        async def answer(request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
-            started = time.monotonic()
-            try:
-                response = await self._infer(request, deadline)
-            except Exception as exc:
-                where = f"ModelStreamInfer model={request.model_name!r} id={request.id!r}"
-                code, message = to_status(exc, where)
-                self._count(request, "ModelStreamInfer", code.name, started)
-                # infer_response.id says which request failed; Triton's clients hand only error_message
-                # to their callback, so it also names the id, the way Triton words its own errors.
-                failed = kpb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                )
-                if request.id:
-                    message = f"[request id: {request.id}] {message}"
-                return kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)
-            self._count(request, "ModelStreamInfer", "OK", started)
-            return kpb.ModelStreamInferResponse(infer_response=response)
-
-        async for item in answer_each(request_iterator, answer, STREAM_WINDOW):
-            yield item
-
-    async def _found(self, name: str, version: str, context: grpc.aio.ServicerContext[Any, Any]) -> Servable:
-        """The servable a metadata request names; the call ends with NOT_FOUND and the like otherwise."""
-        try:
-            return self._servable(name, version)
-        except SluiceError as exc:
-            await context.abort(exc.code, exc.message)
-
-    def _servable(self, name: str, version: str) -> Servable:
-        if not name:
-            raise invalid("no model name given")
-        return self.repository.resolve(name, _version(version))
-
-    async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
-        if self.service.phase is Phase.DRAINING:
-            raise unavailable("the server is shutting down; retry on another replica")
-        servable = self._servable(request.model_name, request.model_version)
-        parameters = request.parameters
-        level = priority(parameters) if parameters else 0
-        seconds = timeout(parameters) if parameters else None
-        if seconds is not None:
-            ends = time.monotonic() + seconds
-            deadline = ends if deadline is None else min(deadline, ends)
-        arrays = _as_specified(
-            servable, decode_inputs(request, servable.inputs, servable.name, servable.max_bytes)
+    @staticmethod
+    def failed(
+        request: kpb.ModelInferRequest | None, code: Code, message: str
+    ) -> kpb.ModelStreamInferResponse:
+        """A failed stream request's answer. infer_response.id says which request failed; Triton's clients
+        hand only error_message to their callback, so it also names the id, as Triton words its errors."""
+        if request is None:
+            return kpb.ModelStreamInferResponse(error_message=message)
+        failed = kpb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
         )
-        servable.check_inputs(arrays)
-        names = (
-            servable.output_names([o.name for o in request.outputs])
-            if request.outputs
-            else tuple(spec.name for spec in servable.outputs)
-        )
-        outputs = await servable.infer(arrays, names, priority=level, deadline=deadline)
+        if request.id:
+            message = f"[request id: {clip(request.id)}] {message}"
+        return kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+    def _response(self, request: kpb.ModelInferRequest, result: InferResult) -> kpb.ModelInferResponse:
+        servable = result.servable
         response = kpb.ModelInferResponse(
             model_name=servable.name, model_version=str(servable.version), id=request.id
         )
-        for name in names:
-            tensor, raw = encode_output(name, outputs[name])
+        for name, array in result.outputs:
+            tensor, raw = encode_output(name, array)
             response.outputs.append(tensor)
             response.raw_output_contents.append(raw)
-        final = parameters.get("triton_enable_empty_final_response")
+        final = request.parameters.get("triton_enable_empty_final_response")
         if final is not None and final.bool_param:
             # Triton's streaming clients may ask to be told which response is a request's last: with one
             # response per request, it is always this one.
@@ -237,30 +171,42 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         self.last_inference[servable.name] = time.time_ns() // 1_000_000
         return response
 
-    def _count(self, request: kpb.ModelInferRequest, method: str, code: str, started: float) -> None:
-        # Unknown model names are not used as labels: a caller must not be able to grow the metrics.
-        model = request.model_name if request.model_name in self.repository.models else ""
-        self.metrics.count_request(model, method, code, time.monotonic() - started)
+    async def _found(self, name: str, version: str, context: grpc.aio.ServicerContext[Any, Any]) -> Servable:
+        """The servable a metadata request names; the call ends with NOT_FOUND and the like otherwise."""
+        try:
+            return self._servable(name, version)
+        except SluiceError as exc:
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
 
+    def _servable(self, name: str, version: str) -> Servable:
+        if not name:
+            raise invalid("no model name given")
+        return self.repository.resolve(name, model_version(version))
 
-def _version(text: str) -> int | None:
-    """KServe's model_version: "" is the default version, anything else a version number."""
-    if not text:
-        return None
-    if text.isascii() and text.isdigit():
-        return int(text)
-    raise invalid(f"model version must be a version number, or empty for the default version; got '{text}'")
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """Every method of the service: inference on the shared skeleton, the rest as plain unary RPCs."""
+        plane = self.plane
+        parse = grpc_door.parser(kpb.ModelInferRequest.FromString, "inference.ModelInferRequest")
 
+        def model_of(request: kpb.ModelInferRequest) -> str:
+            return request.model_name
 
-def _as_specified(servable: Servable, arrays: Arrays) -> Arrays:
-    """Inputs a plugin takes in sparse form become CooArrays (KServe has no sparse tensors)."""
-    sparse = {spec.name for spec in servable.inputs if spec.sparse}
-    if not sparse:
-        return arrays
-    return {
-        name: CooArray.from_dense(array) if name in sparse else array  # type: ignore[misc]
-        for name, array in arrays.items()
-    }
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "ModelInfer": grpc_door.unary(plane, "ModelInfer", parse, self.infer, model_of),
+            "ModelStreamInfer": grpc_door.stream(
+                plane, "ModelStreamInfer", parse, self.stream_answer, model_of, self.failed
+            ),
+        }
+        for method in kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+            name = method.name
+            if name in handlers:
+                continue
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, name),
+                request_deserializer=getattr(kpb, method.input_type.name).FromString,
+                response_serializer=grpc_door.serialize,
+            )
+        return handlers
 
 
 async def _refuse(message: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -282,5 +228,5 @@ class _Unserved(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic on
 
 def add_to_server(servicer: KServeService, server: grpc.aio.Server) -> None:
     """Serves `servicer`, and UNIMPLEMENTED with a reason for the RPCs it leaves out."""
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_registered_method_handlers(SERVICE_NAME, servicer.handlers())  # type: ignore[attr-defined]
     server.add_generic_rpc_handlers((_Unserved(),))

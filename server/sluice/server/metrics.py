@@ -107,6 +107,7 @@ class Metrics(Collector):
         self.models: dict[str, ModelMetrics] = {}
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], Histogram] = {}
+        self.overload: dict[str, int] = {"max_inflight": 0, "max_streams": 0}
         self.registry = CollectorRegistry(auto_describe=False)
         self._http: WSGIServer | None = None
         self.registry.register(self)
@@ -128,6 +129,10 @@ class Metrics(Collector):
             latency = self.latency[(model, method)] = Histogram(LATENCY_BUCKETS)
         latency.observe(seconds)
 
+    def count_overload(self, limit: str) -> None:
+        """Counts one call or stream refused because the server was at `limit`."""
+        self.overload[limit] = self.overload.get(limit, 0) + 1
+
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "sluice_requests", "Requests answered, by model, method and gRPC status code.",
@@ -144,6 +149,13 @@ class Metrics(Collector):
             buckets, total = hist.cumulative()
             latency.add_metric([model, method], buckets, total)
         yield latency
+        overload = CounterMetricFamily(
+            "sluice_overload", "Calls and streams refused with RESOURCE_EXHAUSTED, by the limit reached.",
+            labels=["limit"],
+        )  # fmt: skip
+        for limit, count in list(self.overload.items()):
+            overload.add_metric([limit], count)
+        yield overload
         models = list(self.models.items())
         for attr, name, doc in (
             (

@@ -1,4 +1,8 @@
-"""A loaded model version as the server sees it: a runtime plugin, plus the batching facts derived from it."""
+"""A loaded model version as the server sees it: a runtime plugin, plus the batching facts derived from it.
+
+The config's `inputs.NAME` and `outputs.NAME` tables rename and constrain what the runtime declares here, once
+for every runtime (`onnx`, `python` or a third-party one), so a runtime only ever sees its own names.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ from typing import Any
 
 import numpy.typing as npt
 
-from sluice.server.config import ModelConfig
+from sluice.server.config import ModelConfig, TensorConfig
 from sluice.server.plugins import LoadError, PluginContext, Runtime, TensorSpec, build
+from sluice.server.tensors import format_shape
 
 
 class LoadedModel:
-    """Wraps a runtime plugin: checks what it declares, and decides the rows per run from the config."""
+    """Wraps a runtime plugin: checks what it declares, applies the config's overrides to it, and decides the
+    rows per run from the config."""
 
     def __init__(self, runtime: Runtime, context: PluginContext) -> None:
         self.runtime = runtime
@@ -20,8 +26,14 @@ class LoadedModel:
         self.version = context.version
         self.config: ModelConfig = context.config
         where = f"runtime '{context.config.runtime.name}'"
-        self.inputs: tuple[TensorSpec, ...] = _checked(getattr(runtime, "inputs", None), f"{where} inputs")
-        self.outputs: tuple[TensorSpec, ...] = _checked(getattr(runtime, "outputs", None), f"{where} outputs")
+        declared_inputs = _checked(getattr(runtime, "inputs", None), f"{where} inputs")
+        declared_outputs = _checked(getattr(runtime, "outputs", None), f"{where} outputs")
+        self.inputs: tuple[TensorSpec, ...] = _overridden(declared_inputs, self.config.inputs, "inputs")
+        """What the model takes under its public names; `graph_name` is the runtime's own name."""
+        self.outputs: tuple[TensorSpec, ...] = _overridden(declared_outputs, self.config.outputs, "outputs")
+        # Renaming costs a dict per run, so only models whose config renames something pay it.
+        self._feed_names = _renames(self.inputs)
+        self._result_names = _renames(self.outputs)
         sparse = [s.name for s in self.outputs if s.sparse]
         if sparse:
             raise LoadError(f"{where} outputs: {', '.join(sparse)} declared sparse; outputs are dense arrays")
@@ -31,12 +43,36 @@ class LoadedModel:
         self.instances = instances
         providers = getattr(runtime, "providers", ["unknown"])
         self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
-        self.threads: int = getattr(runtime, "threads", context.threads)
-        self.spinning: bool = bool(getattr(runtime, "spinning", False))
+        self._threads = context.threads
         self.max_batch_size = _batch_size(self.inputs, self.outputs, context.config)
 
+    @property
+    def threads(self) -> int:
+        """Threads one instance computes with, as the runtime reports it (for the log)."""
+        threads = getattr(self.runtime, "threads", self._threads)
+        return threads if isinstance(threads, int) else self._threads
+
+    @property
+    def spinning(self) -> bool:
+        """Whether the runtime's pool threads spin between parallel sections (for the log)."""
+        return bool(getattr(self.runtime, "spinning", False))
+
+    def tune(self, inline: bool) -> bool:
+        """Tells the runtime whether one-row batches run on the event loop (its optional `tune` hook).
+
+        Called once at load, after calibration; True means the runtime changed how it runs (the `onnx`
+        runtime stops spinning), so the caller warms and measures the model again.
+        """
+        tune = getattr(self.runtime, "tune", None)
+        return bool(tune(inline)) if tune is not None else False
+
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> Mapping[str, npt.NDArray[Any]]:
-        return self.runtime.run(instance, feeds)
+        if self._feed_names is not None:
+            feeds = {graph: feeds[public] for public, graph in self._feed_names}
+        results = self.runtime.run(instance, feeds)
+        if self._result_names is not None:
+            results = {public: results[graph] for public, graph in self._result_names}
+        return results
 
     def close(self) -> None:
         close = getattr(self.runtime, "close", None)
@@ -69,6 +105,60 @@ def _checked(specs: Any, where: str) -> tuple[TensorSpec, ...]:
     if duplicated:
         raise LoadError(f"{where}: names must be unique, got {', '.join(duplicated)} more than once")
     return tuple(specs)
+
+
+def _overridden(
+    declared: tuple[TensorSpec, ...], overrides: Mapping[str, TensorConfig], kind: str
+) -> tuple[TensorSpec, ...]:
+    """The runtime's specs under the config's `inputs.NAME` / `outputs.NAME` names and shapes."""
+    names = [spec.name for spec in declared]
+    for key in overrides:
+        if key not in names:
+            raise LoadError(
+                f"config {kind}.{key}: the model has no {kind[:-1]} '{key}' "
+                f"(it has: {', '.join(sorted(names))})"
+            )
+    specs = []
+    for spec in declared:
+        override = overrides.get(spec.name)
+        name, shape = spec.name, spec.shape
+        if override is not None:
+            name = override.name or spec.name
+            if override.shape is not None:
+                shape = _constrain(shape, override.shape, f"config {kind}.{spec.name}.shape")
+        if (name, shape, spec.graph_name) == (spec.name, spec.shape, spec.name):
+            specs.append(spec)
+        else:
+            specs.append(TensorSpec(name, spec.datatype, shape, spec.name, sparse=spec.sparse))
+    public = [spec.name for spec in specs]
+    for name in dict.fromkeys(public):
+        if public.count(name) > 1:
+            raise LoadError(f"config {kind}: two {kind} are named '{name}'")
+    return tuple(specs)
+
+
+def _constrain(declared: tuple[int, ...], wanted: list[int], where: str) -> tuple[int, ...]:
+    """`declared` with the config's fixed dimensions: each must be free there or the same size."""
+    if len(wanted) != len(declared):
+        raise LoadError(
+            f"{where}: the model's shape {format_shape(declared)} has rank {len(declared)}, "
+            f"got {format_shape(wanted)}"
+        )
+    out = []
+    for d, w in zip(declared, wanted, strict=True):
+        if w < -1 or (d != -1 and w not in (-1, d)):
+            raise LoadError(
+                f"{where}: {format_shape(wanted)} does not fit the model's shape {format_shape(declared)}"
+            )
+        out.append(d if w == -1 else w)
+    return tuple(out)
+
+
+def _renames(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, str], ...] | None:
+    """(public name, runtime's name) for every spec when the config renamed any; None when it renamed none."""
+    if all(spec.name == spec.graph_name for spec in specs):
+        return None
+    return tuple((spec.name, spec.graph_name) for spec in specs)
 
 
 def _batch_size(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], config: ModelConfig) -> int:

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
 from sluice.batcher import CooArray
-from sluice.server.errors import SluiceError, invalid
+from sluice.server.errors import Code, SluiceError, clip, invalid
 from sluice.server.model import LoadedModel
 from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocessor, Preprocessor, TensorSpec
 from sluice.server.scheduling import ModelRunner, Scheduler
-from sluice.server.tensors import (
-    datatype_of,
-    decode,
-    decode_coo,
-    encode,
-    format_shape,
-    numpy_dtype,
-    type_name,
-)
 from sluice.v1 import inference_pb2 as pb
+from sluice.wire import datatype_of, format_shape, numpy_dtype, type_name
 
 log = logging.getLogger("sluice.server")
 
@@ -64,8 +54,9 @@ class Servable:
         """What callers send: the first preprocessor's inputs, or the model's."""
         self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
         """What callers get: the last postprocessor's outputs, or the model's."""
-        self._inputs = {spec.name: spec for spec in self.inputs}
-        self._output_names = tuple(spec.name for spec in self.outputs)
+        self.inputs_by_name = {spec.name: spec for spec in self.inputs}
+        self.output_list = tuple(spec.name for spec in self.outputs)
+        """Every output's name, in the signature's order: what a request that names none gets."""
         self._input_list = ", ".join(f"'{s.name}' ({s.describe()})" for s in self.inputs)
         self._plugins = (
             ThreadPoolExecutor(
@@ -73,19 +64,6 @@ class Servable:
             )
             if self.preprocessors or self.postprocessors
             else None
-        )
-
-    async def predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
-        """Validates, schedules and answers one request; raises SluiceError or a batcher error."""
-        inputs = self.decode_inputs(request.inputs)
-        names = self.output_names(request.outputs) if request.outputs else self._output_names
-        priority = _priority(request) if request.parameters else 0
-        outputs = await self.infer(inputs, names, priority=priority, deadline=deadline)
-        return pb.PredictResponse(
-            id=request.id,
-            model=self.name,
-            model_version=self.version,
-            outputs=[encode(name, outputs[name]) for name in names],
         )
 
     async def infer(
@@ -113,7 +91,7 @@ class Servable:
             size += outputs[name].nbytes
         if size > self.max_bytes:
             raise SluiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"the response would carry {size} bytes of outputs, over the max_message_bytes limit of "
                 f"{self.max_bytes}; ask for fewer rows or outputs",
             )
@@ -128,68 +106,11 @@ class Servable:
     def _postprocess(self, outputs: Arrays, feeds: Arrays) -> Arrays:
         for where, step in self.postprocessors:
             outputs = _call(where, self.name, step, outputs, feeds)
-        missing = [name for name in self._output_names if name not in outputs]
+        missing = [name for name in self.output_list if name not in outputs]
         if missing:
             log.error("model %s: the postprocessors gave no output %s", self.name, ", ".join(missing))
-            raise SluiceError(
-                grpc.StatusCode.INTERNAL, f"model '{self.name}': postprocessing gave no {missing[0]!r}"
-            )
+            raise SluiceError(Code.INTERNAL, f"model '{self.name}': postprocessing gave no {missing[0]!r}")
         return outputs
-
-    def decode_inputs(self, tensors: Sequence[pb.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
-        """Checks every input against the signature and views it as an array.
-
-        This runs for every request, so the common case (a dense numeric tensor) is checked inline and
-        each bytes field is read once; anything unusual goes through `tensors.decode`, which also words
-        the errors.
-        """
-        arrays: dict[str, npt.NDArray[np.generic]] = {}
-        inputs = self._inputs
-        limit = self.max_bytes
-        size = 0
-        for tensor in tensors:
-            name = tensor.name
-            spec = inputs.get(name)
-            if spec is None:
-                raise invalid(
-                    f"model '{self.name}' has no input '{name}'; it takes {self._input_list}"
-                    if name
-                    else f"an input tensor has no name; model '{self.name}' takes {self._input_list}"
-                )
-            if name in arrays:
-                raise invalid(f"input '{name}' is given twice")
-            shape = tuple(tensor.shape)
-            if (tensor.datatype != spec.datatype and not spec.takes(tensor.datatype)) or not spec.accepts(
-                shape
-            ):
-                raise invalid(
-                    f"input '{name}': expected {spec.describe()}, got {type_name(tensor.datatype)} "
-                    f"{format_shape(shape)}"
-                )
-            dtype = spec.dtype
-            if dtype is not None and not tensor.HasField("sparse") and not spec.sparse:
-                raw = tensor.raw_contents
-                size += len(raw)
-                if (
-                    size <= limit
-                    and len(raw) == math.prod(shape) * dtype.itemsize
-                    and min(shape, default=0) >= 0
-                ):
-                    arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
-                    continue
-            else:
-                size += len(tensor.raw_contents) + len(tensor.sparse.indices) + len(tensor.sparse.values)
-            if size > limit:
-                raise SluiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the request carries more than {limit} bytes of tensors, over the server's "
-                    "max_message_bytes limit (SLUICE_MAX_MESSAGE_BYTES)",
-                )
-            what = f"input '{name}'"
-            arrays[name] = decode_coo(tensor, what, limit) if spec.sparse else decode(tensor, what, limit)  # type: ignore[assignment]
-        if len(arrays) != len(inputs) or self.batching:
-            self._check_complete(arrays, inputs, "")
-        return arrays
 
     def check_inputs(
         self,
@@ -199,14 +120,14 @@ class Servable:
     ) -> None:
         """Checks arrays decoded by another protocol front end (or a preprocessor) against a signature:
         the callers' (`self.inputs`) unless `specs` says otherwise. Messages are `decode_inputs`'s."""
-        by_name = self._inputs if specs is None else {s.name: s for s in specs}
+        by_name = self.inputs_by_name if specs is None else {s.name: s for s in specs}
         listed = (
             self._input_list if specs is None else ", ".join(f"'{s.name}' ({s.describe()})" for s in specs)
         )
         for name, array in arrays.items():
             spec = by_name.get(name)
             if spec is None:
-                raise invalid(f"{prefix}model '{self.name}' has no input '{name}'; it takes {listed}")
+                raise invalid(f"{prefix}model '{self.name}' has no input '{clip(name)}'; it takes {listed}")
             if isinstance(array, CooArray) != spec.sparse:
                 form = "a sparse CooArray" if spec.sparse else "a dense array"
                 raise invalid(f"{prefix}input '{name}': expected {form}, got {type(array).__name__}")
@@ -221,9 +142,9 @@ class Servable:
                     f"{prefix}input '{name}': expected {spec.describe()}, got {type_name(datatype)} "
                     f"{format_shape(array.shape)}"
                 )
-        self._check_complete(arrays, by_name, prefix)
+        self.check_complete(arrays, by_name, prefix)
 
-    def _check_complete(
+    def check_complete(
         self, arrays: Mapping[str, npt.NDArray[Any]], specs: Mapping[str, TensorSpec], prefix: str
     ) -> None:
         if len(arrays) != len(specs):
@@ -247,10 +168,10 @@ class Servable:
         """The outputs a request asked for, each once, in the order asked."""
         names = tuple(dict.fromkeys(wanted))
         for name in names:
-            if name not in self._output_names:
+            if name not in self.output_list:
                 raise invalid(
-                    f"model '{self.name}' has no output '{name}'; it gives "
-                    + ", ".join(f"'{n}'" for n in self._output_names)
+                    f"model '{self.name}' has no output '{clip(name)}'; it gives "
+                    + ", ".join(f"'{n}'" for n in self.output_list)
                 )
         return names
 
@@ -272,7 +193,7 @@ class Servable:
         examples = context.config.warmup
         for index, example in enumerate(examples):
             where = f"warmup[{index}]"
-            arrays = {name: _warmup_value(value, self._inputs.get(name), context, f"{where}.{name}")
+            arrays = {name: _warmup_value(value, self.inputs_by_name.get(name), context, f"{where}.{name}")
                       for name, value in example.items()}  # fmt: skip
             try:
                 self.check_inputs(arrays)
@@ -311,13 +232,11 @@ def _call(where: str, model: str, step: Any, *args: Arrays) -> Arrays:
     except Exception:
         log.exception("model %s: %s failed", model, where)
         raise SluiceError(
-            grpc.StatusCode.INTERNAL, f"model '{model}': {where} failed; the server log has the details"
+            Code.INTERNAL, f"model '{model}': {where} failed; the server log has the details"
         ) from None
     if not isinstance(result, dict):
         log.error("model %s: %s returned %s, not a dict of arrays", model, where, type(result).__name__)
-        raise SluiceError(
-            grpc.StatusCode.INTERNAL, f"model '{model}': {where} failed; the server log has the details"
-        )
+        raise SluiceError(Code.INTERNAL, f"model '{model}': {where} failed; the server log has the details")
     return result
 
 
@@ -348,13 +267,19 @@ def _warmup_value(
             try:
                 value = np.array([path.read_bytes()], dtype=object)
             except OSError as exc:
-                raise LoadError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+                raise LoadError(
+                    f"{where}: cannot read {context.display(path)}: {exc.strerror or exc}"
+                ) from None
         elif set(value) == {"npy"}:
             path = context.resolve(value["npy"])
             try:
                 value = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise LoadError(f"{where}: cannot read {path}: {exc}") from None
+            except OSError as exc:
+                raise LoadError(
+                    f"{where}: cannot read {context.display(path)}: {exc.strerror or exc}"
+                ) from None
+            except ValueError as exc:
+                raise LoadError(f"{where}: cannot read {context.display(path)}: {exc}") from None
         else:
             raise LoadError(f"{where}: expected a value, {{ file = PATH }} or {{ npy = PATH }}, got {value}")
     dtype = object if spec.dtype is None else spec.dtype
@@ -365,16 +290,6 @@ def _warmup_value(
     while array.ndim < len(spec.shape):
         array = array[np.newaxis]
     return array
-
-
-def _priority(request: pb.PredictRequest) -> int:
-    param = request.parameters.get("priority")
-    if param is None:
-        return 0
-    kind = param.WhichOneof("value")
-    if kind != "int64_value":
-        raise invalid(f"parameter 'priority': expected an int64_value, got {kind or 'nothing'}")
-    return param.int64_value
 
 
 def _example(spec: TensorSpec) -> npt.NDArray[np.generic]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -139,7 +141,7 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class PluginContext:
-    """Where a plugin is used: the model version it belongs to and its files."""
+    """Where a plugin is used: the model version it belongs to, its files, and the server's neutral facts."""
 
     model: str
     version: int
@@ -148,15 +150,72 @@ class PluginContext:
     version_dir: Path
     """The version's directory (`<model_dir>/<version>`), where the model's files are."""
     config: ModelConfig
-    threads: int = 1
-    """Threads the runtime may use per instance, so that all models together do not oversubscribe cores."""
-    spinning: bool = True
-    """Whether a runtime's thread pool may spin between parallel sections (see `execution.spin`)."""
+    inference_threads: int = 0
+    """The server's inference threads (`SLUICE_INFERENCE_THREADS`), shared by every model; 0: one per core."""
+    sessions: int = 1
+    """Instances of every model version the server loads, which share `inference_threads` between them."""
+
+    @property
+    def threads(self) -> int:
+        """An even share of the inference threads for one instance, so that all models together do not
+        oversubscribe the cores. A runtime may decide otherwise (the `onnx` runtime honours
+        `execution.intra_op_threads`)."""
+        cores = self.inference_threads or os.cpu_count() or 1
+        return max(1, cores // max(1, self.sessions))
+
+    @property
+    def spinning(self) -> bool:
+        """Whether `execution.spin` lets a runtime's pool threads spin between parallel sections (on or auto).
+
+        With auto, a runtime that spins learns from `Runtime.tune` whether the model runs on the event loop,
+        where spinning threads would take the loop's core."""
+        return self.config.execution.spin != "off"
+
+    @property
+    def repository(self) -> Path:
+        """The model repository: the root that paths in load failures are named from."""
+        return self.model_dir.parent
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the options: absolute, or relative to the model's directory."""
         path = Path(path)
         return path if path.is_absolute() else self.model_dir / path
+
+    def display(self, path: str | Path) -> str:
+        """`path` as a load failure names it to callers: relative to the repository (`digits/1/model.onnx`).
+
+        Load failures reach callers (Health, Predict's UNAVAILABLE, KServe metadata), who must not learn the
+        server's directories; the server log names the version's directory in full next to the reason."""
+        return display_path(path, self.repository)
+
+    def public(self, text: str) -> str:
+        """`text` (an exception's message, say) with every absolute path named as `display` names it."""
+        return public_text(text, self.repository)
+
+
+# An absolute POSIX path inside free text: a "/" that starts a word (not "a/b", "1/2" nor a URL's "//").
+_ERRNO = re.compile(r"\[Errno -?\d+\] ")
+_ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]{}<>]+")
+
+
+def display_path(path: str | Path, root: Path) -> str:
+    """`path` relative to `root` when it is inside it; else only its file name, behind `.../`."""
+    normal = os.path.normpath(path)
+    for base in dict.fromkeys((os.path.normpath(root), os.path.abspath(root), os.path.realpath(root))):
+        if normal == base:
+            return "."
+        if normal.startswith(base.rstrip(os.sep) + os.sep):
+            return normal[len(base.rstrip(os.sep)) + 1 :]
+    if not os.path.isabs(normal):
+        return str(path)
+    return f".../{os.path.basename(normal.rstrip(os.sep)) or normal}"
+
+
+def public_text(text: str, root: Path) -> str:
+    """Free text with absolute paths replaced by what `display_path` shows (root-relative or a file name),
+    and without OSError's "[Errno 2] " prefix, which tells callers nothing the words after it do not."""
+    text = _ERRNO.sub("", text)
+    return _ABSOLUTE.sub(lambda match: display_path(match.group(), root), text)
 
 
 class NoOptions(BaseModel):
@@ -210,6 +269,11 @@ class Runtime(Protocol):
     cannot be served. The server owns batching, queueing, threads, metrics and errors: `run` is called with
     a whole batch (concatenated along the first axis when the model batches), at most once at a time per
     instance, from a worker thread or (for runs shorter than a thread hand-off) the event loop.
+
+    Names are the runtime's own: the core applies config.toml's `inputs.NAME` / `outputs.NAME` renames and
+    shapes. Optional members: `threads` and `spinning` (for the log), and `tune(inline: bool) -> bool`, called
+    once after warm-up with whether one-row batches run on the event loop; returning True (it changed how it
+    runs: the `onnx` runtime stops spinning) makes the server warm and measure it again. See docs/plugins.md.
     """
 
     inputs: Sequence[TensorSpec]

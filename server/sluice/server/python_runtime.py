@@ -177,20 +177,21 @@ def _module_name(context: PluginContext) -> str:
 
 def _load_class(options: PythonOptions, context: PluginContext) -> type[Any]:
     path = context.version_dir / options.module
+    shown = context.display(path)
     if options.module.endswith(".py"):
         if not path.is_file():
-            raise LoadError(f"{path}: no such file (runtime option 'module')")
+            raise LoadError(f"{shown}: no such file (runtime option 'module')")
         name = _module_name(context)
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise LoadError(f"{path}: cannot be imported")
+            raise LoadError(f"{shown}: cannot be imported")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # so that pickling and dataclasses inside it work
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise LoadError(f"{path}: importing failed: {type(exc).__name__}: {exc}") from exc
+            raise LoadError(f"{shown}: importing failed: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             module = importlib.import_module(options.module)

@@ -1,25 +1,28 @@
 """The model repository: finds models and versions on disk, loads them, and keeps their states for Health.
 
 A broken model never takes the others down: its failure is logged with file, field and reason, kept for
-Health, and returned to callers as UNAVAILABLE.
+Health, and returned to callers as UNAVAILABLE. The reason callers see names files relative to the repository
+(`digits/1/model.onnx`); the log line next to it names the directory in full.
+
+Runtimes are plugins found through their entry points, `onnx` included: the repository gives them neutral
+facts (`PluginContext`: the inference threads and how many sessions share them) and tells them, through
+`LoadedModel.tune`, whether the model runs on the event loop; how they use threads is theirs to decide.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sluice.server.config import ConfigError, ModelConfig, load_config
-from sluice.server.errors import not_found, unavailable
+from sluice.server.errors import clip, not_found, unavailable
 from sluice.server.metrics import Metrics
 from sluice.server.model import load_model
 from sluice.server.pipeline import Servable
-from sluice.server.plugins import LoadError, PluginContext, Postprocessor, Preprocessor, build
-from sluice.server.runtime import threads_per_session
+from sluice.server.plugins import LoadError, PluginContext, Postprocessor, Preprocessor, build, public_text
 from sluice.server.scheduling import LoopLoad, ModelRunner, make_scheduler, measure_thread_hop
 from sluice.v1 import inference_pb2 as pb
 
@@ -103,10 +106,9 @@ class ModelRepository:
             entry = ModelEntry(path.name, path)
             self.models[entry.name] = entry
             try:
-                entry.config = load_config(path / CONFIG_FILE)
+                entry.config = load_config(path / CONFIG_FILE, shown=f"{path.name}/{CONFIG_FILE}")
             except ConfigError as exc:
-                entry.reason = str(exc)
-                log.error("model %s failed: %s", entry.name, entry.reason)
+                self._fail(entry, str(exc))
                 continue
             versions = []
             for child in path.iterdir():
@@ -119,18 +121,22 @@ class ModelRepository:
             if entry.config.versions is not None:
                 missing = sorted(set(entry.config.versions) - set(versions))
                 if missing:
-                    entry.reason = (
-                        f"{path / CONFIG_FILE}: field 'versions': no directory for version(s) {missing} "
-                        f"(found: {sorted(versions) or 'none'})"
+                    self._fail(
+                        entry,
+                        f"{path.name}/{CONFIG_FILE}: field 'versions': no directory for version(s) {missing} "
+                        f"(found: {sorted(versions) or 'none'})",
                     )
-                    log.error("model %s failed: %s", entry.name, entry.reason)
                     continue
                 versions = list(entry.config.versions)
             if not versions:
-                entry.reason = f"{path}: no version directory (<model>/<integer>/) found"
-                log.error("model %s failed: %s", entry.name, entry.reason)
+                self._fail(entry, f"{path.name}/: no version directory (<model>/<integer>/) found")
                 continue
             entry.versions = [VersionEntry(v, path / str(v)) for v in sorted(set(versions), reverse=True)]
+
+    def _fail(self, entry: ModelEntry, reason: str) -> None:
+        """Keeps a model's failure for callers, without the server's directories; the log has them."""
+        entry.reason = public_text(reason, self.root)
+        log.error("model %s (%s) failed: %s", entry.name, entry.path, reason)
 
     async def load(self) -> None:
         """Loads every version in worker threads, so Health answers while big models load."""
@@ -139,12 +145,11 @@ class ModelRepository:
             for e in self.models.values()
             if e.config is not None
         )
-        threads = threads_per_session(self.inference_threads, sessions)
         self.thread_hop = await measure_thread_hop()
         log.info("thread hand-off costs %.0f µs here: batches predicted faster run on the event loop",
                  self.thread_hop * 1e6)  # fmt: skip
         jobs = [
-            self._load_version(entry, version, threads)
+            self._load_version(entry, version, sessions)
             for entry in self.models.values()
             if entry.config is not None and not entry.reason
             for version in entry.versions
@@ -152,21 +157,32 @@ class ModelRepository:
         await asyncio.gather(*jobs)
         self.loaded = True
 
-    async def _load_version(self, entry: ModelEntry, version: VersionEntry, threads: int) -> None:
+    async def _load_version(self, entry: ModelEntry, version: VersionEntry, sessions: int) -> None:
         assert entry.config is not None
-        config = entry.config
+        context = PluginContext(
+            model=entry.name,
+            version=version.version,
+            model_dir=version.path.parent,
+            version_dir=version.path,
+            config=entry.config,
+            inference_threads=self.inference_threads,
+            sessions=sessions,
+        )
         started = time.monotonic()
         try:
-            servable = await asyncio.to_thread(self._build, entry.name, version, config, threads)
+            servable = await asyncio.to_thread(self._build, context)
         except LoadError as exc:
-            version.state, version.reason = pb.MODEL_STATE_FAILED, str(exc)
+            version.state, version.reason = pb.MODEL_STATE_FAILED, context.public(str(exc))
             # The cause (a model's load() or warm-up raising, say) keeps its traceback in the log.
-            log.error("model %s version %d failed to load: %s", entry.name, version.version, exc,
-                      exc_info=exc.__cause__)  # fmt: skip
+            log.error("model %s version %d (%s) failed to load: %s", entry.name, version.version,
+                      version.path, exc, exc_info=exc.__cause__)  # fmt: skip
             return
         except Exception as exc:
-            version.state, version.reason = pb.MODEL_STATE_FAILED, f"unexpected error while loading: {exc}"
-            log.exception("model %s version %d failed to load", entry.name, version.version)
+            version.state = pb.MODEL_STATE_FAILED
+            version.reason = f"unexpected {type(exc).__name__} while loading; the server log has the details"
+            log.exception(
+                "model %s version %d (%s) failed to load", entry.name, version.version, version.path
+            )
             return
         servable.scheduler.start()
         self.metrics.model(entry.name).schedulers.append(servable.scheduler)
@@ -184,17 +200,8 @@ class ModelRepository:
             model.spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
 
-    def _build(self, name: str, version: VersionEntry, config: ModelConfig, threads: int) -> Servable:
-        spin = config.execution.spin
-        context = PluginContext(
-            model=name,
-            version=version.version,
-            model_dir=version.path.parent,
-            version_dir=version.path,
-            config=config,
-            threads=threads,
-            spinning=spin != "off",
-        )
+    def _build(self, context: PluginContext) -> Servable:
+        config = context.config
         pre: list[tuple[str, Preprocessor]] = [
             (f"preprocess[{i}] ('{ref.name}')", build("preprocessors", ref, f"preprocess[{i}]", context))
             for i, ref in enumerate(config.preprocess)
@@ -203,13 +210,7 @@ class ModelRepository:
             (f"postprocess[{i}] ('{ref.name}')", build("postprocessors", ref, f"postprocess[{i}]", context))
             for i, ref in enumerate(config.postprocess)
         ]
-        servable = self._servable(context, pre, post)
-        if spin == "auto" and servable.model.spinning and servable.runner.inline_at_one_row():
-            # Fast enough to run on the event loop: spinning pool threads would take its core. Such a model
-            # is small, so building its sessions again costs little; the plugins are kept.
-            servable.close()
-            servable = self._servable(dataclasses.replace(context, spinning=False), pre, post)
-        return servable
+        return self._servable(context, pre, post)
 
     def _servable(
         self,
@@ -230,12 +231,16 @@ class ModelRepository:
             raise
         try:
             servable.warm_up(context)
+            # The runtime learns whether the model runs on the event loop (the onnx runtime then stops
+            # spinning); a runtime that changed how it runs is warmed and measured again.
+            if model.tune(runner.inline_at_one_row()):
+                servable.warm_up(context)
         except LoadError:
             servable.close()
             raise
         except Exception as exc:
             servable.close()
-            raise LoadError(f"warm-up failed: {exc}") from exc
+            raise LoadError(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
         return servable
 
     def resolve(self, name: str, version: int | None) -> Servable:
@@ -246,7 +251,7 @@ class ModelRepository:
         entry = self.models.get(name)
         if entry is None:
             known = ", ".join(f"'{n}'" for n in self.models) or "none"
-            raise not_found(f"no model named '{name}'; the repository has {known}")
+            raise not_found(f"no model named '{clip(name)}'; the repository has {known}")
         if entry.config is None or entry.reason:
             raise unavailable(f"model '{name}' failed to load: {entry.reason}")
         if version is None:
@@ -268,7 +273,7 @@ class ModelRepository:
         """Health's view of every model (or one)."""
         if name:
             if name not in self.models:
-                raise not_found(f"no model named '{name}'")
+                raise not_found(f"no model named '{clip(name)}'")
             entries = [self.models[name]]
         else:
             entries = list(self.models.values())

@@ -1,11 +1,16 @@
-"""The `onnx` runtime: ONNX Runtime sessions, choosing providers, sharing cores, and a graph's signature."""
+"""The `onnx` runtime: ONNX Runtime sessions, choosing providers, sharing cores, and a graph's signature.
+
+Sluice loads it through its entry point (`sluice.runtimes`: `onnx`), like any third-party runtime: nothing
+else in the server imports this module or onnxruntime. Its thread budget and spin policy live here, decided
+from the neutral facts of `PluginContext` and the `tune` hook; the core applies the config's renames and shape
+constraints to the graph's signature, as for every runtime.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +19,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.server.config import ModelConfig, other_model_files
+from sluice.server.config import other_model_files
 from sluice.server.plugins import LoadError, PluginContext, TensorSpec
-from sluice.server.tensors import format_shape
 from sluice.v1 import inference_pb2 as pb
 
 __all__ = ["LoadError", "OnnxModel", "TensorSpec", "cuda_unavailable_reason", "resolve_providers"]
@@ -78,12 +82,6 @@ def _log_cpu_fallback(reason: str) -> None:
     log.info("CUDA unavailable, models with providers='auto' run on CPU: %s", reason)
 
 
-def threads_per_session(total: int, sessions: int) -> int:
-    """Splits the inference threads between all sessions so they do not oversubscribe the cores."""
-    cores = total or os.cpu_count() or 1
-    return max(1, cores // max(1, sessions))
-
-
 class OnnxOptions(BaseModel):
     """Options of the `onnx` runtime."""
 
@@ -99,34 +97,50 @@ class OnnxModel:
 
     def __init__(self, options: OnnxOptions, context: PluginContext) -> None:
         name, version, config = context.model, context.version, context.config
-        path = context.version_dir / options.file
-        threads, spinning = context.threads, context.spinning
-        if not path.is_file():
-            raise LoadError(f"{path}: no such file{other_model_files(path)}")
+        self._path = context.version_dir / options.file
+        self._shown = path = context.display(self._path)
+        if not self._path.is_file():
+            raise LoadError(f"{path}: no such file{other_model_files(self._path)}")
         self.name = name
         self.version = version
         self.config = config
         execution = config.execution
         self.providers_requested = resolve_providers(execution.providers, name)
+        # The config's count, or an even share of the server's inference threads between all sessions.
+        self.threads = execution.intra_op_threads or context.threads
+        self._spin = execution.spin
+        self.spinning = self._spin != "off"
+        self.sessions = self._open(path)
+        self.providers: list[str] = list(self.sessions[0].get_providers())
+        if execution.providers == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            raise LoadError("execution.providers = 'cuda' but ONNX Runtime could not create a CUDA session")
+        self.inputs = _specs(self.sessions[0].get_inputs(), "inputs", path)
+        self.outputs = _specs(self.sessions[0].get_outputs(), "outputs", path)
+        self.instances = len(self.sessions)
+        self._output_names = [s.name for s in self.outputs]
+
+    def _open(self, path: str) -> list[ort.InferenceSession]:
+        """One session per instance, with this runtime's threads and spinning; `path` as reasons show it."""
+        execution = self.config.execution
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = execution.intra_op_threads or threads
+        session_options.intra_op_num_threads = self.threads
         session_options.inter_op_num_threads = 1
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         session_options.log_severity_level = 3
         # Spinning pool threads answer a parallel section at once instead of being woken (about 1 ms saved
         # per run of a 50-op transformer here), but they burn a core between sections, which starves the
-        # event loop when the model is small enough to run on it (see repository._build).
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.spinning = spinning
+        # event loop when the model is small enough to run on it (see `tune`).
+        allow = "1" if self.spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", allow)
         provider_options: list[dict[str, str]] = [
             {"device_id": str(execution.cuda_device)} if p == "CUDAExecutionProvider" else {}
             for p in self.providers_requested
         ]
         try:
-            data = path.read_bytes()
+            data = self._path.read_bytes()
         except OSError as exc:
             raise LoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        self.sessions: list[ort.InferenceSession] = []
+        sessions: list[ort.InferenceSession] = []
         for _ in range(execution.instances):
             try:
                 session = ort.InferenceSession(
@@ -139,24 +153,25 @@ class OnnxModel:
                 raise LoadError(f"{path}: not a valid ONNX model: {_first_line(exc)}") from None
             # A provider failing at run time must fail the batch, not silently move the model to CPU.
             session.disable_fallback()
-            self.sessions.append(session)
-        self.providers: list[str] = list(self.sessions[0].get_providers())
-        if execution.providers == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            raise LoadError("execution.providers = 'cuda' but ONNX Runtime could not create a CUDA session")
-        self.inputs = _specs(self.sessions[0].get_inputs(), config, "inputs", path)
-        self.outputs = _specs(self.sessions[0].get_outputs(), config, "outputs", path)
-        self.instances = len(self.sessions)
-        self.threads = session_options.intra_op_num_threads
-        self._renamed_inputs = any(s.name != s.graph_name for s in self.inputs)
-        self._graph_outputs = [s.graph_name for s in self.outputs]
-        self._output_names = [s.name for s in self.outputs]
+            sessions.append(session)
+        return sessions
+
+    def tune(self, inline: bool) -> bool:
+        """`execution.spin = "auto"`: stop spinning when one-row batches run on the event loop.
+
+        Spinning pool threads would take the loop's core there. Session options are fixed once a session is
+        made, so the sessions are made again; such a model is small, so that costs little. Returns whether
+        it did, so that the server warms and measures the new sessions.
+        """
+        if self._spin != "auto" or not self.spinning or not inline:
+            return False
+        self.spinning = False
+        self.sessions = self._open(self._shown)
+        return True
 
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
-        session = self.sessions[instance]
-        if self._renamed_inputs:
-            feeds = {spec.graph_name: feeds[spec.name] for spec in self.inputs}
-        results = session.run(self._graph_outputs, feeds)
+        results = self.sessions[instance].run(self._output_names, feeds)
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
@@ -168,15 +183,8 @@ class OnnxModel:
         return f"inputs=[{inputs}] outputs=[{outputs}]"
 
 
-def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: Path) -> list[TensorSpec]:
-    overrides = config.inputs if kind == "inputs" else config.outputs
-    names = {node.name for node in nodes}
-    for key in overrides:
-        if key not in names:
-            raise LoadError(
-                f"config {kind}.{key}: the graph has no {kind[:-1]} '{key}' "
-                f"(it has: {', '.join(sorted(names))})"
-            )
+def _specs(nodes: Sequence[ort.NodeArg], kind: str, path: str) -> list[TensorSpec]:
+    """The graph's own names and shapes; the core applies the config's overrides to them."""
     specs = []
     for node in nodes:
         datatype = _ORT_TYPES.get(node.type)
@@ -192,35 +200,8 @@ def _specs(nodes: Sequence[ort.NodeArg], config: ModelConfig, kind: str, path: P
                 )
             )
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-        override = overrides.get(node.name)
-        public = node.name
-        if override is not None:
-            public = override.name or node.name
-            if override.shape is not None:
-                shape = _constrain(shape, override.shape, f"config {kind}.{node.name}.shape")
-        specs.append(TensorSpec(public, datatype, shape, node.name))
-    seen = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise LoadError(f"config {kind}: two {kind} are named '{spec.name}'")
-        seen.add(spec.name)
+        specs.append(TensorSpec(node.name, datatype, shape))
     return specs
-
-
-def _constrain(graph: tuple[int, ...], wanted: list[int], where: str) -> tuple[int, ...]:
-    if len(wanted) != len(graph):
-        raise LoadError(
-            f"{where}: the graph's shape {format_shape(graph)} has rank {len(graph)}, "
-            f"got {format_shape(wanted)}"
-        )
-    out = []
-    for g, w in zip(graph, wanted, strict=True):
-        if w < -1 or (g != -1 and w not in (-1, g)):
-            raise LoadError(
-                f"{where}: {format_shape(wanted)} does not fit the graph's shape {format_shape(graph)}"
-            )
-        out.append(g if w == -1 else w)
-    return tuple(out)
 
 
 def _first_line(exc: BaseException) -> str:

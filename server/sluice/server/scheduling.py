@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from sluice.batcher import (
 from sluice.server.model import LoadedModel
 
 Arrays = dict[str, npt.NDArray[np.generic]]
+
+log = logging.getLogger("sluice.server")
 
 
 class Scheduler(Protocol):
@@ -233,6 +236,7 @@ class DirectScheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            log.error("model '%s' failed to run a request", self._name, exc_info=exc)
             raise ModelRunError(
                 f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
             ) from exc

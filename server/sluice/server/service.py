@@ -1,102 +1,128 @@
-"""The gRPC servicer of sluice.v1.Inference: the boundary where exceptions become statuses."""
+"""The sluice.v1.Inference door: its messages to and from the data plane, on the shared gRPC skeleton."""
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import time
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
 
-from sluice.server.errors import SluiceError, to_status, unavailable
-from sluice.server.metrics import Metrics
-from sluice.server.repository import ModelRepository
-from sluice.server.streams import STREAM_WINDOW, answer_each
+from sluice.server import grpc_door
+from sluice.server.core import DataPlane, InferRequest, InferResult, Phase, WireTensor
+from sluice.server.errors import Code, SluiceError, invalid
+from sluice.server.tensors import encode
 from sluice.v1 import inference_pb2 as pb
-from sluice.v1 import inference_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+_STATES = {
+    Phase.STARTING: pb.SERVING_STATE_STARTING,
+    Phase.SERVING: pb.SERVING_STATE_SERVING,
+    Phase.DRAINING: pb.SERVING_STATE_DRAINING,
+    Phase.CLOSING: pb.SERVING_STATE_DRAINING,
+}
 
 
-class Phase(enum.Enum):
-    """Where the server is in its life, as Health reports it."""
+def to_request(message: pb.PredictRequest) -> InferRequest:
+    """A PredictRequest as the data plane's request; each bytes field is read once (upb copies on read)."""
+    inputs = []
+    for tensor in message.inputs:
+        if tensor.HasField("sparse"):
+            sparse = tensor.sparse
+            inputs.append(
+                WireTensor(
+                    tensor.name,
+                    tensor.datatype,
+                    tuple(tensor.shape),
+                    raw=tensor.raw_contents,
+                    sparse=(sparse.indices, sparse.values),
+                )
+            )
+        else:
+            inputs.append(
+                WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), raw=tensor.raw_contents)
+            )
+    return InferRequest(
+        model=message.model,
+        version=message.version if message.HasField("version") else None,
+        id=message.id,
+        inputs=inputs,
+        outputs=message.outputs,
+        priority=_priority(message) if message.parameters else 0,
+    )
 
-    STARTING = pb.SERVING_STATE_STARTING
-    SERVING = pb.SERVING_STATE_SERVING
-    DRAINING = pb.SERVING_STATE_DRAINING
+
+def to_response(result: InferResult) -> pb.PredictResponse:
+    servable = result.servable
+    return pb.PredictResponse(
+        id=result.id,
+        model=servable.name,
+        model_version=servable.version,
+        outputs=[encode(name, array) for name, array in result.outputs],
+    )
 
 
-class InferenceService(pb_grpc.InferenceServicer):
-    """Predict, StreamPredict and Health over one model repository."""
+def _priority(message: pb.PredictRequest) -> int:
+    param = message.parameters.get("priority")
+    if param is None:
+        return 0
+    kind = param.WhichOneof("value")
+    if kind != "int64_value":
+        raise invalid(f"parameter 'priority': expected an int64_value, got {kind or 'nothing'}")
+    return param.int64_value
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
-        self.repository = repository
-        self.metrics = metrics
-        self.phase = Phase.STARTING
 
-    async def Predict(  # noqa: N802
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PredictResponse:
-        started = time.monotonic()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else started + remaining
-        try:
-            response = await self._predict(request, deadline)
-        except asyncio.CancelledError:
-            self._count(request, "Predict", "CANCELLED", started)
-            raise
-        except Exception as exc:
-            code, message = to_status(exc, f"Predict model={request.model!r} id={request.id!r}")
-            self._count(request, "Predict", code.name, started)
-            await context.abort(code, message)
-        self._count(request, "Predict", "OK", started)
-        return response
+class InferenceService:
+    """Predict, StreamPredict and Health over the data plane."""
 
-    async def StreamPredict(  # noqa: N802
-        self, request_iterator: AsyncIterable[pb.PredictRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.StreamPredictResponse]:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.repository = plane.repository
 
-        async def answer(request: pb.PredictRequest) -> pb.StreamPredictResponse:
-            started = time.monotonic()
-            try:
-                response = await self._predict(request, deadline)
-            except Exception as exc:
-                code, message = to_status(exc, f"StreamPredict model={request.model!r} id={request.id!r}")
-                self._count(request, "StreamPredict", code.name, started)
-                return pb.StreamPredictResponse(id=request.id, code=code.value[0], message=message)
-            self._count(request, "StreamPredict", "OK", started)
-            return pb.StreamPredictResponse(id=request.id, response=response)
+    async def predict(self, message: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+        return to_response(await self.plane.infer(to_request(message), deadline))
 
-        async for item in answer_each(request_iterator, answer, STREAM_WINDOW):
-            yield item
+    @staticmethod
+    def failed(message: pb.PredictRequest | None, code: Code, text: str) -> pb.StreamPredictResponse:
+        request_id = "" if message is None else message.id
+        return pb.StreamPredictResponse(id=request_id, code=code.value, message=text)
 
-    async def Health(  # noqa: N802
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.HealthResponse:
+    async def stream_answer(
+        self, message: pb.PredictRequest, deadline: float | None
+    ) -> pb.StreamPredictResponse:
+        return pb.StreamPredictResponse(id=message.id, response=await self.predict(message, deadline))
+
+    async def health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             models = self.repository.status(request.model or None)
         except SluiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
         return pb.HealthResponse(state=self.state(), models=models)
 
     def state(self) -> pb.ServingState.ValueType:
         """SERVING once loading is over and some model is ready; NOT_SERVING when none could load."""
-        if self.phase is not Phase.SERVING:
-            return pb.ServingState.ValueType(self.phase.value)
+        phase = self.plane.phase
+        if phase is not Phase.SERVING:
+            return _STATES[phase]
         if any(entry.state == pb.MODEL_STATE_READY for entry in self.repository.models.values()):
             return pb.SERVING_STATE_SERVING
         return pb.SERVING_STATE_NOT_SERVING
 
-    async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
-        if self.phase is Phase.DRAINING:
-            raise unavailable("the server is shutting down; retry on another replica")
-        version = request.version if request.HasField("version") else None
-        servable = self.repository.resolve(request.model, version)
-        return await servable.predict(request, deadline)
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The service's methods, for `server.add_registered_method_handlers`."""
+        plane = self.plane
+        parse = grpc_door.parser(pb.PredictRequest.FromString, "sluice.v1.PredictRequest")
 
-    def _count(self, request: pb.PredictRequest, method: str, code: str, started: float) -> None:
-        # Unknown model names are not used as labels: a caller must not be able to grow the metrics.
-        model = request.model if request.model in self.repository.models else ""
-        self.metrics.count_request(model, method, code, time.monotonic() - started)
+        def model_of(message: pb.PredictRequest) -> str:
+            return message.model
+
+        return {
+            "Predict": grpc_door.unary(plane, "Predict", parse, self.predict, model_of),
+            "StreamPredict": grpc_door.stream(
+                plane, "StreamPredict", parse, self.stream_answer, model_of, self.failed
+            ),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                self.health,
+                request_deserializer=pb.HealthRequest.FromString,
+                response_serializer=grpc_door.serialize,
+            ),
+        }

@@ -60,6 +60,34 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Seconds in-flight and queued requests get to finish after SIGTERM/SIGINT.",
     )
+    drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds the server keeps answering after SIGTERM/SIGINT with readiness already failing, "
+        "before it refuses new calls; a few seconds let Kubernetes take the pod out of its endpoints first.",
+    )
+    max_inflight: int = Field(
+        default=1024,
+        gt=0,
+        description="Unary calls and stream messages answered at once; more get RESOURCE_EXHAUSTED before "
+        "their tensors are decoded.",
+    )
+    max_streams: int = Field(
+        default=1024,
+        gt=0,
+        description="Streams open at once; more get RESOURCE_EXHAUSTED.",
+    )
+    stream_window: int = Field(
+        default=256,
+        gt=0,
+        description="Messages of one stream read but not yet answered and sent; while that many are out, the "
+        "server reads no more of the stream and HTTP/2 flow control pushes back on the client.",
+    )
+    max_streams_per_connection: int = Field(
+        default=256,
+        gt=0,
+        description="HTTP/2 streams (calls) one connection may have open; a client queues calls beyond it.",
+    )
     inference_threads: int = Field(
         default=0,
         ge=0,

@@ -1,0 +1,179 @@
+"""The handler skeleton every gRPC door shares: raw bytes in, admission, parsing, status out, counting.
+
+A door registers its methods with `unary` or `stream` and supplies three small functions: parse the
+request bytes (`FromString`), answer a parsed request through the data plane, and, for streams, turn a
+failure into an in-band answer. Requests arrive as bytes (no deserializer in gRPC's handler) so that a
+message that does not parse is the caller's mistake, INVALID_ARGUMENT, and on a stream only that message
+fails. Statuses are set outside `except` blocks, so a rejected request does not live on in a reference
+cycle through the exception that carried its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from sluice.server.core import DataPlane
+from sluice.server.errors import Code, SluiceError, clip, to_status
+from sluice.server.streams import AnswerStream
+
+log = logging.getLogger("sluice.server")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
+"""Each neutral status as gRPC's: the names and numbers are gRPC's own."""
+
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+
+
+class _Message(Protocol):
+    def SerializeToString(self, **kwargs: Any) -> bytes: ...  # noqa: N802
+
+
+class _RateLimitedLog:
+    """Logs one line per `every` seconds at most, with how many were left out since."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._last = -every
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._skipped += 1
+            return
+        skipped, self._skipped, self._last = self._skipped, 0, now
+        suffix = f" ({skipped} more since the last such line)" if skipped else ""
+        log.warning(message + suffix, *args)
+
+
+_unparseable = _RateLimitedLog()
+
+
+def parser(message_type: Callable[[bytes], Request], name: str) -> Callable[[bytes], Request]:
+    """`FromString` of a message type, with unparseable bytes as INVALID_ARGUMENT and one log line."""
+
+    def parse(data: bytes) -> Request:
+        try:
+            return message_type(data)
+        except DecodeError as exc:
+            _unparseable.warning("a request did not parse as %s (%d bytes): %s", name, len(data), exc)
+            raise SluiceError(
+                Code.INVALID_ARGUMENT, f"the request is not a valid {name} message ({len(data)} bytes)"
+            ) from None
+
+    return parse
+
+
+def _deadline(context: Context, started: float) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else started + remaining
+
+
+def unary(
+    plane: DataPlane,
+    method: str,
+    parse: Callable[[bytes], Request],
+    answer: Callable[[Request, float | None], Awaitable[Response]],
+    model_of: Callable[[Request], str],
+) -> grpc.RpcMethodHandler[bytes, Response]:
+    """A unary method: admitted, parsed, answered, counted; every failure a status with a message."""
+
+    async def handle(data: bytes, context: Context) -> Response:
+        started = time.monotonic()
+        model = ""
+        try:
+            plane.enter()
+        except SluiceError as exc:
+            code, message = exc.code, exc.message
+        else:
+            try:
+                request = parse(data)
+                model = model_of(request)
+                response = await answer(request, _deadline(context, started))
+            except asyncio.CancelledError:
+                plane.count(model, method, Code.CANCELLED, started)
+                raise
+            except Exception as exc:
+                code, message = to_status(exc, f"{method} model={clip(model)!r}")
+            else:
+                plane.count(model, method, Code.OK, started)
+                return response
+            finally:
+                plane.leave()
+        plane.count(model, method, code, started)
+        del data
+        await context.abort(GRPC_CODES[code], message)
+
+    return grpc.unary_unary_rpc_method_handler(handle, response_serializer=serialize)
+
+
+def stream(
+    plane: DataPlane,
+    method: str,
+    parse: Callable[[bytes], Request],
+    answer: Callable[[Request, float | None], Awaitable[Response]],
+    model_of: Callable[[Request], str],
+    failed: Callable[[Request | None, Code, str], Response],
+) -> grpc.RpcMethodHandler[bytes, Response]:
+    """A bidirectional method: each message is admitted, answered and counted like a unary call, and a
+    failed one is answered in-band by `failed(request or None, code, message)`; the stream goes on."""
+
+    async def handle(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Response]:
+        try:
+            plane.open_stream()
+        except SluiceError as exc:
+            await context.abort(GRPC_CODES[exc.code], exc.message)
+        deadline = _deadline(context, time.monotonic())
+
+        async def one(data: bytes) -> Response:
+            # Parsed before admission: even a refused message's answer must carry its id.
+            started = time.monotonic()
+            request: Request | None = None
+            model = ""
+            try:
+                request = parse(data)
+                model = model_of(request)
+                plane.enter()
+            except SluiceError as exc:
+                code, message = exc.code, exc.message
+            else:
+                try:
+                    response = await answer(request, deadline)
+                except Exception as exc:
+                    code, message = to_status(exc, f"{method} model={clip(model)!r}")
+                else:
+                    plane.count(model, method, Code.OK, started)
+                    return response
+                finally:
+                    plane.leave()
+            plane.count(model, method, code, started)
+            return failed(request, code, message)
+
+        answers = AnswerStream(requests, one, plane.limits.stream_window)
+        plane.track(answers)
+        try:
+            async for item in answers:
+                yield item
+        finally:
+            plane.untrack(answers)
+            plane.close_stream()
+        if answers.cut:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+    return grpc.stream_stream_rpc_method_handler(handle, response_serializer=serialize)
+
+
+def serialize(message: _Message) -> bytes:
+    """A response message's bytes (gRPC calls this as the handler's response serializer)."""
+    return message.SerializeToString()
