@@ -12,9 +12,9 @@ import errno
 import socket
 import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -38,46 +38,46 @@ def _help(text: str) -> str:
     return text.replace("%", "%%")
 
 
+# Flags are made from ServerSettings, so a new setting gets its flag; these only read better than "VALUE".
+_METAVARS = {
+    "host": "ADDR", "metrics_host": "ADDR", "port": "PORT", "metrics_port": "PORT", "unix_socket": "PATH",
+    "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM", "auth_token": "TOKEN",
+    "max_message_bytes": "BYTES",
+}  # fmt: skip
+
+
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
-    fields = ServerSettings.model_fields
     p: argparse.ArgumentParser = sub.add_parser(
         "serve",
         help="serve a model repository over gRPC",
         description="Serve a model repository over gRPC. Every flag can also be set with the environment "
         "variable shown; flags win.",
     )
-
-    def flag(name: str, *, type: Any = str, metavar: str | None = None, **kw: Any) -> None:
-        field = fields[name]
-        env = f"SLUICE_{name.upper()}"
-        p.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=type, default=None, metavar=metavar,
-            help=_help(f"{field.description} [{env}, default: {field.default}]"), **kw,
-        )  # fmt: skip
-
     p.add_argument(
         "model_repository", nargs="?", type=Path, default=None,
         help="directory of models; omitted: the bundled example repository [SLUICE_MODEL_REPOSITORY]",
     )  # fmt: skip
-    flag("host", metavar="ADDR")
-    flag("port", type=int, metavar="PORT")
-    flag("unix_socket", metavar="PATH")
-    flag("metrics_host", metavar="ADDR")
-    flag("metrics_port", type=int, metavar="PORT")
-    flag("tls_cert", type=Path, metavar="PEM")
-    flag("tls_key", type=Path, metavar="PEM")
-    flag("tls_client_ca", type=Path, metavar="PEM")
-    flag("auth_token", metavar="TOKEN")
-    flag("max_message_bytes", type=int, metavar="BYTES")
-    flag("grace_period_s", type=float, metavar="SECONDS")
-    flag("inference_threads", type=int, metavar="N")
-    p.add_argument(
-        "--reflection", action=argparse.BooleanOptionalAction, default=None,
-        help=_help(f"{fields['reflection'].description} [SLUICE_REFLECTION, default: True]"),
-    )  # fmt: skip
-    flag("event_loop", choices=["auto", "uvloop", "asyncio"])
-    flag("log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    flag("log_format", choices=["text", "json"])
+    for name, field in ServerSettings.model_fields.items():
+        if name == "model_repository":
+            continue
+        kind: Any = field.annotation
+        members = [a for a in get_args(kind) if a is not type(None)]
+        if get_origin(kind) is not Literal and len(members) == 1:
+            kind = members[0]  # `Path | None` and the like
+        default = "unset" if field.default is None else field.default
+        help = _help(f"{field.description} [SLUICE_{name.upper()}, default: {default}]")
+        option = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif get_origin(kind) is Literal:
+            choices = [str(c) for c in get_args(kind)]
+            p.add_argument(option, dest=name, choices=choices, default=None, help=help)
+        else:
+            convert: Callable[[str], Any] = {int: int, float: float, Path: Path}.get(kind, str)
+            metavar = _METAVARS.get(name) or (
+                "SECONDS" if name.endswith("_s") else "N" if convert in (int, float) else "VALUE"
+            )
+            p.add_argument(option, dest=name, type=convert, default=None, metavar=metavar, help=help)
     p.set_defaults(handler=_serve)
     return p
 
