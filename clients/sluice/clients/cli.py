@@ -1,6 +1,7 @@
 """The client side of the `sluice` command: predict, health, models.
 
-Registered by the console script next to `sluice serve`; it needs only the client and the contract.
+`sluice` (in sluice.server.cli) hands these subcommands to `main` here; it needs only the client and the
+contract. `python -m sluice.clients.cli` runs them on a machine with the clients alone.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -28,8 +32,11 @@ def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def add_commands(sub: Any) -> None:
-    """Adds `predict`, `health` and `models` to the `sluice` command's subparsers."""
+FORMS = "NAME=FILE.npy, NAME=JSON, NAME=@FILE.json or NAME=@FILE (its bytes)"
+
+
+def add_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    """Adds `predict`, `health` and `models` to the `sluice` command's subparsers; returns them by name."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target", default=os.environ.get("SLUICE_TARGET", "127.0.0.1:8001"),
@@ -42,8 +49,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("model", help="model name")
     p.add_argument(
         "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy|JSON|@FILE",
-        help="an input: a .npy file, a JSON array (cast to the model's type), @FILE.json, or @FILE sent "
-        "as one BYTES element (an image, say) (repeatable)",
+        help="an input: a .npy file (cast to the model's type when the cast is exact), a JSON array (cast "
+        "to the model's type), @FILE.json, or @FILE sent as one BYTES element (an image, say) (repeatable)",
     )  # fmt: skip
     p.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="outputs to return")
     p.add_argument("--version", type=int, default=None, help="model version (default: the highest ready)")
@@ -55,6 +62,20 @@ def add_commands(sub: Any) -> None:
 
     m = sub.add_parser("models", parents=[common], help="models with their versions, inputs and outputs")
     m.set_defaults(handler=_models)
+    return {"predict": p, "health": h, "models": m}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`sluice predict|health|models ...`: called by the `sluice` command for these subcommands."""
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice's client commands.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
+    commands = add_commands(sub)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would report these with the top-level usage; the subcommand's is the one that helps.
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    code: int = args.handler(args)
+    return code
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -66,7 +87,13 @@ def _run(args: argparse.Namespace, work: Any) -> int:
         with _client(args) as client:
             work(client)
     except SluiceError as exc:
-        print(f"sluice {args.command}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        hint = ""
+        if exc.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in exc.message:
+            hint = (
+                f" (is a server running at {args.target}? Start one with `sluice serve`, or point --target "
+                "or SLUICE_TARGET at it)"
+            )
+        print(f"sluice {args.command}: {exc.code.name}: {exc.message}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"sluice {args.command}: {exc}", file=sys.stderr)
@@ -74,22 +101,120 @@ def _run(args: argparse.Namespace, work: Any) -> int:
     return 0
 
 
+def _read(path: Path, where: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read it ({exc.strerror})") from None
+
+
 def _parse_input(text: str, specs: dict[str, pb.TensorSpec]) -> tuple[str, npt.NDArray[Any]]:
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise ValueError(
-            f"--input {text!r}: expected NAME=FILE.npy, NAME=JSON, NAME=@FILE.json or NAME=@FILE (its bytes)"
-        )
-    if value.endswith(".npy"):
-        return name, np.load(value, allow_pickle=False)
+        raise ValueError(f"--input {text!r}: expected {FORMS}")
+    where = f"--input {name}={value}"
     spec = specs.get(name)
+    dtype = numpy_dtype(spec.datatype) if spec is not None else None
+    if value.endswith(".npy"):
+        return name, _load_npy(Path(value.removeprefix("@")), where, dtype)
     if value.startswith("@") and not value.endswith(".json"):
         # Any other file is sent as it is: one BYTES element (an encoded image, say) per --input.
+        data = _read(Path(value[1:]), where)
         rank = len(spec.shape) if spec is not None else 1
-        return name, np.array([Path(value[1:]).read_bytes()], dtype=object).reshape((1,) * max(rank, 1))
-    data = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
-    dtype = numpy_dtype(spec.datatype) if spec is not None else None
-    return name, np.asarray(data, dtype=dtype)
+        return name, np.array([data], dtype=object).reshape((1,) * max(rank, 1))
+    if value.startswith("@"):
+        source = _read(Path(value[1:]), where).decode("utf-8", errors="replace")
+    else:
+        source = value
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as exc:
+        reason = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        if not value.startswith("@") and Path(value).is_file():
+            raise ValueError(
+                f"{where}: not JSON, but a file of that name exists: write {name}=@{value}"
+            ) from None
+        if value.startswith("@"):
+            raise ValueError(f"{where}: not valid JSON ({reason})") from None
+        raise ValueError(
+            f"{where}: not valid JSON ({reason}); expected a JSON array such as [[0, 3]], or a file: "
+            f"{name}=FILE.npy, {name}=@FILE.json or {name}=@FILE"
+        ) from None
+    return name, _json_array(data, f"--input {name}", dtype, spec)
+
+
+def _json_array(
+    data: Any, where: str, dtype: np.dtype[Any] | None, spec: pb.TensorSpec | None
+) -> npt.NDArray[Any]:
+    if isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON array (nested lists), got a JSON object")
+    if dtype is not None and dtype.kind != "O" and spec is not None:
+        found = _first_non_number(data, "")
+        if found is not None:
+            what, at = found
+            raise ValueError(
+                f"{where}: expected numbers (the model takes {_type(spec.datatype)}), got {what} at {at}"
+            )
+    _rectangular(data, where, "")
+    try:
+        return np.asarray(data, dtype=dtype)
+    except (OverflowError, TypeError, ValueError) as exc:  # a number too large for the model's type, say
+        wanted = f" as {_type(spec.datatype)}" if spec is not None else ""
+        raise ValueError(f"{where}: cannot be read{wanted}: {exc}") from None
+
+
+def _first_non_number(data: Any, at: str) -> tuple[str, str] | None:
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            found = _first_non_number(item, f"{at}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(data, bool | int | float):
+        return None
+    what = {dict: "a JSON object", str: f"the string {data!r}", type(None): "null"}.get(
+        type(data), repr(data)
+    )
+    return what, at or "the top level"
+
+
+def _rectangular(data: Any, where: str, at: str) -> list[int]:
+    """The shape of nested lists; raises naming the first row whose shape differs from its first sibling's."""
+    if not isinstance(data, list):
+        return []
+    shapes = [_rectangular(item, where, f"{at}[{i}]") for i, item in enumerate(data)]
+    for i, shape in enumerate(shapes[1:], 1):
+        if shape != shapes[0]:
+            raise ValueError(
+                f"{where}: the nested lists are ragged: {at}[{i}] has shape {shape}, {at}[0] has shape "
+                f"{shapes[0]}; every row needs the same shape"
+            )
+    return [len(data), *(shapes[0] if shapes else [])]
+
+
+def _load_npy(path: Path, where: str, dtype: np.dtype[Any] | None) -> npt.NDArray[Any]:
+    if not path.is_file():
+        raise ValueError(f"{where}: no such file")
+    try:
+        array: npt.NDArray[Any] = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{where}: not a .npy array file ({exc})") from None
+    if dtype is None or dtype.kind not in "biuf" or array.dtype.kind not in "biuf" or array.dtype == dtype:
+        return array
+    # JSON is cast to the model's type; a .npy file is too, when no value changes on the way.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cast = array.astype(dtype)
+        exact = bool(np.array_equal(cast.astype(array.dtype), array, equal_nan=array.dtype.kind == "f"))
+    if not exact:
+        raise ValueError(
+            f"{where}: the model takes {dtype.name} and the file holds {array.dtype.name} values that "
+            f"{dtype.name} cannot hold exactly; save the array as {dtype.name} "
+            f'(np.save(path, array.astype("{dtype.name}"))) to send it'
+        )
+    return cast
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -168,3 +293,7 @@ def _health_dict(health: pb.HealthResponse) -> dict[str, Any]:
             for m in health.models
         ],
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,13 +4,14 @@
         outputs = client.predict("digits", pixels=images)      # numpy in, numpy out
 
 Calls that only read (Predict, Health) are retried with exponential backoff when the server answers
-UNAVAILABLE (a replica draining, a model still loading); every failure surfaces as `SluiceError`, carrying
-the gRPC status code and the server's message.
+UNAVAILABLE (a replica draining or restarting, a model still loading) or cancels them while stopping;
+every failure surfaces as `SluiceError`, carrying the gRPC status code and the server's message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,18 +40,27 @@ class SluiceError(Exception):
 
 @dataclass(frozen=True)
 class Retry:
-    """Backoff for calls that are safe to repeat: attempts in all, first delay, growth, cap."""
+    """Backoff for calls that are safe to repeat: attempts in all, first delay, growth, cap, jitter.
 
-    attempts: int = 4
+    The default waits up to about 7.5 s in all (0.05, 0.1, 0.2, 0.4, 0.8, then 1 s apart), enough to ride
+    through a server restart of a few seconds; the call's deadline, when it has one, ends it sooner.
+    """
+
+    attempts: int = 12
     initial: float = 0.05
     multiplier: float = 2.0
     maximum: float = 1.0
-    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    jitter: float = 0.1
+    """Each delay is moved by up to this fraction, so that callers cut off together do not return together."""
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+    """UNAVAILABLE: draining, loading, or not listening. CANCELLED: a stopping gRPC server cancels the calls
+    it had received but not started. This client never cancels a call of its own with an RpcError (an
+    asyncio caller's cancellation raises CancelledError instead), so either means the call did not run."""
 
     def delays(self) -> Iterator[float]:
         delay = self.initial
         for _ in range(self.attempts - 1):
-            yield delay
+            yield delay * (1 + self.jitter * (2 * random.random() - 1))
             delay = min(delay * self.multiplier, self.maximum)
 
 
@@ -76,6 +86,10 @@ class ClientOptions:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            # gRPC waits 1 s, then longer, before it reconnects to a server that went away; calls meanwhile
+            # fail at once. Retrying sooner lets a restarted server be found within the retry budget.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
 
     def credentials(self) -> grpc.ChannelCredentials:
@@ -124,6 +138,28 @@ def _error(exc: grpc.RpcError) -> SluiceError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return SluiceError(code, details or code.name)
+
+
+def _with_ids(requests: Iterable[pb.PredictRequest]) -> Iterator[pb.PredictRequest]:
+    for position, request in enumerate(requests):
+        if not request.id:
+            request.id = str(position)
+        yield request
+
+
+async def _with_ids_async(
+    requests: AsyncIterable[pb.PredictRequest] | Iterable[pb.PredictRequest],
+) -> AsyncIterator[pb.PredictRequest]:
+    if not isinstance(requests, AsyncIterable):
+        for request in _with_ids(requests):
+            yield request
+        return
+    position = 0
+    async for request in requests:
+        if not request.id:
+            request.id = str(position)
+        position += 1
+        yield request
 
 
 def _stream_result(answer: pb.StreamPredictResponse) -> StreamResult:
@@ -219,9 +255,15 @@ class Client:
     def stream(
         self, requests: Iterable[pb.PredictRequest], *, timeout: float | None = None
     ) -> Iterator[StreamResult]:
-        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order)."""
+        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order).
+
+        Answers are matched to requests by id: a request without one gets its position in the stream,
+        counted from 0, as its id ("0", "1", ...), set on the request itself.
+        """
         timeout = self.options.timeout if timeout is None else timeout
-        call = self._stub.StreamPredict(iter(requests), timeout=timeout, metadata=self.options.metadata())
+        call = self._stub.StreamPredict(
+            _with_ids(requests), timeout=timeout, metadata=self.options.metadata()
+        )
         try:
             for answer in call:
                 yield _stream_result(answer)
@@ -296,9 +338,17 @@ class AsyncClient:
         *,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamResult]:
-        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order)."""
+        """Sends many requests on one StreamPredict call; yields each answer as it arrives (any order).
+
+        Answers are matched to requests by id: a request without one gets its position in the stream,
+        counted from 0, as its id ("0", "1", ...), set on the request itself.
+        """
         timeout = self.options.timeout if timeout is None else timeout
-        call = self._stub.StreamPredict(requests, timeout=timeout, metadata=self.options.metadata())  # type: ignore[arg-type]
+        call = self._stub.StreamPredict(
+            _with_ids_async(requests),
+            timeout=timeout,
+            metadata=self.options.metadata(),
+        )
         try:
             async for answer in call:
                 yield _stream_result(answer)

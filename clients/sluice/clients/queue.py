@@ -49,6 +49,8 @@ class QueueClient:
         """Submits one request under `uri` (its id); returns without waiting for the answer."""
         if self._closed:
             raise RuntimeError("the queue is closed")
+        if not uri:
+            raise ValueError("enqueue: uri must not be empty: answers are filed under it")
         self._outbox.put(build_request(self.model, inputs, request_id=uri))
 
     def query(self, uri: str, timeout: float | None = None) -> Outputs:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -206,18 +207,81 @@ def load_config(path: Path, shown: str | None = None) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+        raise ConfigError(f"{where}: {describe_validation_error(exc, ModelConfig)}") from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `field 'batching.max_batch_size': reason (got -1)`."""
+def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `field 'batching.max_batch_size': reason (got -1)`.
+
+    Given the model that was validated, an unknown key also gets the likeliest key meant ("did you mean").
+    """
     parts = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(p) for p in error["loc"])
         got = f" (got {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden" and model is not None:
+            got += _did_you_mean(model, error["loc"])
         if where:
             parts.append(f"field '{where}': {message}{got}")
         else:
             parts.append(message)
     return "; ".join(parts)
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """`; did you mean 'max_batch_size'?` for a misspelt key, or where a key of that name belongs."""
+    key = str(loc[-1])
+    section = _model_at(model, loc[:-1])
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(key, list(section.model_fields), n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    # A right key in the wrong table (max_batch_size at the top instead of under [batching]).
+    nested = {
+        f"{name}.{inner}": inner
+        for name, field in section.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        for inner in field.annotation.model_fields
+    }
+    close = difflib.get_close_matches(key, list(nested.values()), n=1)
+    if close:
+        table = next(p for p, inner in nested.items() if inner == close[0]).rsplit(".", 1)[0]
+        return f"; did you mean '{close[0]}' under [{table}]?"
+    return ""
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the value at `loc` (through nested models, dicts and lists)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) in (dict, list):
+            current = get_args(current)[-1]
+        else:
+            return None
+        # `TensorConfig | None` and the like: the model is the one non-None member.
+        members = [a for a in get_args(current) if a is not type(None)] if get_origin(current) else []
+        if get_origin(current) not in (dict, list) and len(members) == 1:
+            current = members[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def other_model_files(missing: Path) -> str:
+    """For `<version>/model.onnx: no such file`: the other .onnx files in that directory, and the fix."""
+    try:
+        others = sorted(p.name for p in missing.parent.glob("*.onnx") if p.is_file())
+    except OSError:
+        return ""
+    if not others:
+        return ""
+    found = ", ".join(others)
+    return (
+        f"; the directory has {found}: rename it to {missing.name}, or name it in config.toml: "
+        f'runtime = {{ name = "onnx", file = "{others[0]}" }}'
+    )

@@ -20,6 +20,11 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
+# The reasons sluice.batcher reports; their series start at 0 so that rate() and alerts see the first event.
+REJECT_REASONS = ("queue_full", "too_large", "closed")
+DROP_REASONS = ("deadline", "cancelled", "shutdown")
+# The label of requests for a model the server does not have: one fixed series, never the caller's name.
+UNKNOWN_MODEL = "_unknown"
 
 
 class Histogram:
@@ -64,8 +69,8 @@ class ModelMetrics:
         self.run_time = Histogram(LATENCY_BUCKETS)
         self.batch_rows = Histogram(ROW_BUCKETS)
         self.batch_requests = Histogram(ROW_BUCKETS)
-        self.rejected: dict[str, int] = {}
-        self.dropped: dict[str, int] = {}
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.batch_errors = 0
         self.schedulers: list[Gauged] = []  # every loaded version's; read when scraped
 
@@ -114,7 +119,8 @@ class Metrics(Collector):
         return found
 
     def count_request(self, model: str, method: str, code: str, seconds: float) -> None:
-        """Counts one answered request and its end-to-end time."""
+        """Counts one answered request and its end-to-end time; `model` is "" for an unknown model."""
+        model = model or UNKNOWN_MODEL
         key = (model, method, code)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1

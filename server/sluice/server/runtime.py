@@ -19,6 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluice.server.config import other_model_files
 from sluice.server.plugins import LoadError, PluginContext, TensorSpec
 from sluice.v1 import inference_pb2 as pb
 
@@ -99,7 +100,7 @@ class OnnxModel:
         self._path = context.version_dir / options.file
         self._shown = path = context.display(self._path)
         if not self._path.is_file():
-            raise LoadError(f"{path}: no such file")
+            raise LoadError(f"{path}: no such file{other_model_files(self._path)}")
         self.name = name
         self.version = version
         self.config = config
@@ -190,6 +191,13 @@ def _specs(nodes: Sequence[ort.NodeArg], kind: str, path: str) -> list[TensorSpe
         if datatype is None:
             raise LoadError(
                 f"{path}: {kind[:-1]} '{node.name}' has type {node.type}, which Sluice cannot serve"
+                + (
+                    "; this is the ZipMap of a scikit-learn classifier: export it without one, "
+                    "skl2onnx.to_onnx(model, X, options={id(model): {'zipmap': False}}), to get a "
+                    "probabilities tensor"
+                    if node.type.startswith("seq(map(")
+                    else ""
+                )
             )
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
         specs.append(TensorSpec(node.name, datatype, shape))
