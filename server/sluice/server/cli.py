@@ -36,6 +36,8 @@ def _serve_parser(sub: Any) -> None:
         "model_repository", nargs="?", type=Path, default=None,
         help="directory of models; omitted: the bundled example repository [SLUICE_MODEL_REPOSITORY]",
     )  # fmt: skip
+    flag("model_control", choices=["none", "explicit", "poll"])
+    flag("poll_interval_s", type=float, metavar="SECONDS")
     flag("host", metavar="ADDR")
     flag("port", type=int, metavar="PORT")
     flag("unix_socket", metavar="PATH")
