@@ -316,7 +316,7 @@ class ModelRepository:
         name, config = context.model, context.config
         model = load_model(context)
         inline = config.execution.inline_max_us
-        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
+        runner = _Runner(model, self.thread_hop if inline is None else inline / 1e6)
         scheduler = make_scheduler(runner, self.metrics.model(name), self.loop_load)
         try:
             servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)
@@ -659,6 +659,17 @@ class ModelRepository:
             v1_state = _V1_STATES.get(state, state)
             out.append(pb.ModelStatus(name=entry.name, state=v1_state, reason=reason, versions=versions))  # type: ignore[arg-type]
         return out
+
+
+class _Runner(ModelRunner):
+    """A runner that lets go of its model once closed, so an unloaded version's sessions are freed even while
+    its scheduler lingers: on CPython 3.11 a cancelled task keeps its CancelledError where the garbage
+    collector cannot see it, and that error's traceback holds the batcher's drained dispatcher, and through
+    it this runner, for good."""
+
+    def close(self) -> None:
+        super().close()
+        del self.model
 
 
 def _files(path: Path) -> Fingerprint:
