@@ -21,7 +21,7 @@ from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
-from support import add_model, failure, outputs, request, save
+from support import add_model, failure, outputs, request, save, scrape
 
 X = np.zeros((1, 4), np.float32)
 
@@ -30,16 +30,9 @@ X = np.zeros((1, 4), np.float32)
 async def controlled(
     repo: Path, control: str = "explicit", **settings: object
 ) -> AsyncIterator[tuple[SluiceServer, grpc.aio.Channel]]:
-    server = SluiceServer(
-        ServerSettings(
-            model_repository=repo,
-            port=0,
-            metrics_port=-1,
-            grace_period_s=5,
-            model_control=control,
-            **settings,
-        )  # type: ignore[arg-type]
-    )
+    """A server on `repo` with `control`, once loading has ended, and a channel; `settings` override."""
+    chosen: dict[str, object] = {"port": 0, "metrics_port": -1, "grace_period_s": 5, **settings}
+    server = SluiceServer(ServerSettings(model_repository=repo, model_control=control, **chosen))  # type: ignore[arg-type]
     await server.start()
     try:
         await server.loaded()
@@ -342,3 +335,25 @@ async def test_a_broken_change_never_replaces_a_working_model(repo: Path) -> Non
 
 async def _is(stub: pb_grpc.InferenceStub, expected: float | str) -> bool:
     return await served(stub) == expected
+
+
+async def test_metrics_show_each_versions_state(repo: Path) -> None:
+    for version in (1, 2):
+        save(add_model(float(version)), repo / "adder" / str(version) / "model.onnx")
+    (repo / "broken").mkdir()
+    async with controlled(repo, metrics_port=0) as (server, channel):
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+        def states() -> dict[tuple[str, str], str]:
+            found = {}
+            for sample, value in scrape(server).items():
+                if sample.startswith("sluice_model_state{") and value == 1.0:
+                    labels = dict(part.split("=") for part in sample[19:-1].split(","))
+                    found[(labels["model"].strip('"'), labels["version"].strip('"'))] = labels["state"].strip(
+                        '"'
+                    )
+            return found
+
+        assert states() == {("adder", "2"): "READY", ("adder", "1"): "READY", ("broken", ""): "FAILED"}
+        await kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="adder"))
+        assert states() == {("adder", "2"): "UNLOADED", ("adder", "1"): "UNLOADED", ("broken", ""): "FAILED"}

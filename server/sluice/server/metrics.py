@@ -8,7 +8,7 @@ per request; these cost one list index and an add. One registry per server, no g
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+MODEL_STATES = ("LOADING", "READY", "UNLOADING", "UNLOADED", "FAILED")
 ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 
 
@@ -103,6 +104,8 @@ class Metrics(Collector):
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.overload: dict[str, int] = {"max_inflight": 0, "max_streams": 0}
+        self.model_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
+        """Every model version as (model, version, state), read when scraped (the repository sets it)."""
         self.registry = CollectorRegistry(auto_describe=False)
         self._http: WSGIServer | None = None
         self.registry.register(self)
@@ -188,6 +191,17 @@ class Metrics(Collector):
             for reason, count in list(m.dropped.items()):
                 dropped.add_metric([model, reason], count)
         yield from (queue, busy, errors, rejected, dropped)
+        if self.model_states is not None:
+            states = GaugeMetricFamily(
+                "sluice_model_state",
+                "1 for each model version's state (LOADING, READY, UNLOADING, UNLOADED, FAILED), 0 for the "
+                'others; version "" for a model whose config or directories failed.',
+                labels=["model", "version", "state"],
+            )
+            for model, version, state in self.model_states():
+                for name in MODEL_STATES:
+                    states.add_metric([model, version, name], 1.0 if name == state else 0.0)
+            yield states
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""

@@ -171,6 +171,7 @@ class ModelRepository:
         self._poller: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after any model changed state once loading is over (grpc.health.v1 follows it)."""
+        metrics.model_states = self._state_samples
         self.loaded = False
         self.thread_hop = 0.0
         self.loop_load = LoopLoad()
@@ -627,6 +628,16 @@ class ModelRepository:
     def servables(self) -> list[Servable]:
         """Every servable that takes requests now."""
         return list(self._pinned.values())
+
+    def _state_samples(self) -> list[tuple[str, str, str]]:
+        """Every version's state for /metrics; a model with no version (a broken config) as version ""."""
+        samples = []
+        for entry in list(self.models.values()):
+            versions = list(entry.versions)
+            if not versions:
+                samples.append((entry.name, "", entry.state.name))
+            samples += [(entry.name, str(v.version), v.state.name) for v in versions]
+        return samples
 
     def states(self) -> dict[str, State]:
         return {name: entry.state for name, entry in self.models.items()}
