@@ -169,6 +169,7 @@ class ModelRepository:
         self._plans: dict[str, Plan] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
+        self._closing = False
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after any model changed state once loading is over (grpc.health.v1 follows it)."""
         metrics.model_states = self._state_samples
@@ -209,8 +210,12 @@ class ModelRepository:
         log.info("thread hand-off costs %.0f µs here: batches predicted faster run on the event loop",
                  self.thread_hop * 1e6)  # fmt: skip
         plans, self._plans = self._plans, {}
-        await asyncio.gather(*(self._apply(self.models[n], plan, retry=True) for n, plan in plans.items()))
+        await asyncio.gather(*(self._first(self.models[n], plan) for n, plan in plans.items()))
         self.loaded = True
+
+    async def _first(self, entry: ModelEntry, plan: Plan) -> None:
+        async with entry.lock:  # a load call may come in while the repository is still loading
+            await self._apply(entry, plan, retry=True)
 
     # -- building versions ------------------------------------------------------------------------------
 
@@ -367,6 +372,11 @@ class ModelRepository:
             *(self._build_version(entry.name, plan.config, v, p) for v, p in builds.items())
         )
         built = {v: s for v, (s, _) in zip(builds, results, strict=True) if s is not None}
+        if self._closing:
+            for servable in built.values():  # the server stopped while they loaded: never served
+                await servable.scheduler.drain(0.0)
+                servable.close()
+            return []
         failed = {v: r for v, (s, r) in zip(builds, results, strict=True) if s is None}
         failures = [f"version {v}: {r}" for v, r in sorted(failed.items(), reverse=True)]
         ready_after = set(built) | {
@@ -576,7 +586,8 @@ class ModelRepository:
         log.info("model %s removed from the repository: unloaded", entry.name)
 
     async def close(self) -> None:
-        """Stops polling and waits for the versions being unloaded to be freed."""
+        """Stops polling and waits for the versions being unloaded to be freed; nothing changes after."""
+        self._closing = True
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
