@@ -355,5 +355,21 @@ async def test_metrics_show_each_versions_state(repo: Path) -> None:
             return found
 
         assert states() == {("adder", "2"): "READY", ("adder", "1"): "READY", ("broken", ""): "FAILED"}
+        stub = pb_grpc.InferenceStub(channel)
+        await answer(stub)
+        await kserve.RepositoryModelLoad(load("adder", "versions = [1]"))
+        await answer(stub)
+        await answer(stub)
+        await failure(stub, request("adder", version=2, x=X))
+        # Request, batch and run metrics say which version answered; a refused call names none.
+        samples = scrape(server)
+        ok = 'sluice_requests_total{code="OK",method="Predict",model="adder",version="%s"}'
+        assert (samples[ok % "2"], samples[ok % "1"]) == (1, 2)
+        assert (
+            samples['sluice_requests_total{code="NOT_FOUND",method="Predict",model="adder",version=""}'] == 1
+        )
+        assert samples['sluice_batch_rows_sum{model="adder",version="2"}'] == 1
+        assert samples['sluice_run_duration_seconds_count{model="adder",version="1"}'] == 2
+
         await kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="adder"))
         assert states() == {("adder", "2"): "UNLOADED", ("adder", "1"): "UNLOADED", ("broken", ""): "FAILED"}

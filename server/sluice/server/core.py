@@ -11,6 +11,7 @@ here imports a protocol: statuses are `errors.Code`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import math
@@ -33,6 +34,10 @@ from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, type_name
 
 log = logging.getLogger("sluice.server")
+
+_ANSWERED_BY: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_by", default=None)
+"""The version a call resolved, for `count`'s version label: each call (and stream message) runs in a task of
+its own, so the door's skeleton need not carry it."""
 
 ANY_VARIABLE = -1
 """A `WireTensor.datatype` for KServe's BYTES: the input's own STRING or BYTES, whichever it declares."""
@@ -236,6 +241,7 @@ class DataPlane:
             raise unavailable("the server is shutting down; retry on another replica")
         repository = self.repository
         servable = repository.resolve(request.model, request.version)
+        _ANSWERED_BY.set(servable.version)
         # Held from lookup to answer: a version being unloaded waits for this request before it is freed.
         repository.hold(servable)
         try:
@@ -252,7 +258,12 @@ class DataPlane:
     def count(self, model: str, method: str, code: Code, started: float) -> None:
         """Counts one answered call; unknown model names are not labels (a caller must not grow metrics)."""
         label = model if model in self.repository.models else ""
-        self.metrics.count_request(label, method, code.name, time.monotonic() - started)
+        version = _ANSWERED_BY.get()
+        if version is not None:
+            _ANSWERED_BY.set(None)
+        self.metrics.count_request(
+            label, "" if version is None else str(version), method, code.name, time.monotonic() - started
+        )
 
 
 def decode_inputs(

@@ -1,8 +1,8 @@
 """What the KServe v2 and Triton RPCs say about a model: metadata, configuration, statistics, index.
 
 Everything is read from what Sluice already keeps: the servable's signature, the model's config.toml, and
-the metrics the batcher and the servicers record. Statistics are per model (every version together), as
-Sluice measures them; `docs/kserve.md` lists which figures are estimates.
+the metrics the batcher and the servicers record. Statistics are per model version, as Sluice
+measures them; `docs/kserve.md` lists which figures are estimates.
 """
 
 from __future__ import annotations
@@ -90,26 +90,30 @@ def _dims(spec: TensorSpec, batches: bool) -> tuple[int, ...]:
 def statistics(
     servable: Servable, version: str, metrics: Metrics, last_inference_ms: int
 ) -> kpb.ModelStatistics:
-    """Cumulative statistics of one model from Sluice's metrics (all its versions together).
+    """Cumulative statistics of one model version from Sluice's metrics.
 
     Request counts, queue waits, batch sizes and run times are measured; the success/fail split of the
     time spent and the per-request compute time are estimated from them (see docs/kserve.md).
     """
-    name = servable.name
+    name, label = servable.name, str(servable.version)
     ok = failed = 0
-    for (model, _method, code), count in list(metrics.requests.items()):
-        if model == name:
+    for (model, answered_by, _method, code), count in list(metrics.requests.items()):
+        if model == name and answered_by == label:
             if code == "OK":
                 ok += count
             else:
                 failed += count
-    seconds = sum(h.sum for (model, _method), h in list(metrics.latency.items()) if model == name)
+    seconds = sum(
+        h.sum
+        for (model, answered_by, _), h in list(metrics.latency.items())
+        if (model, answered_by) == (name, label)
+    )
     answered = ok + failed
     stats = kpb.ModelStatistics(name=name, version=version, last_inference=last_inference_ms)
     infer = stats.inference_stats
     infer.success.CopyFrom(_duration(ok, seconds * ok / answered if answered else 0.0))
     infer.fail.CopyFrom(_duration(failed, seconds * failed / answered if answered else 0.0))
-    measured = metrics.models.get(name)
+    measured = metrics.models.get((name, servable.version))
     runs = 0 if measured is None else _count(measured.batch_rows)
     if measured is None or runs == 0:
         # No batch was observed: the model does not batch (each request is one run) or has not run yet.

@@ -291,7 +291,7 @@ class ModelRepository:
             log.exception("model %s version %d (%s) failed to load", name, version, path)
             return None, "unexpected error while loading; the server log has the details"
         servable.scheduler.start()
-        self.metrics.model(name).schedulers.append(servable.scheduler)
+        self.metrics.model(name, version).schedulers.append(servable.scheduler)
         model = servable.model
         log.info(
             "model loaded name=%s version=%d providers=%s instances=%d threads=%d spinning=%s "
@@ -323,7 +323,7 @@ class ModelRepository:
         model = load_model(context)
         inline = config.execution.inline_max_us
         runner = _Runner(model, self.thread_hop if inline is None else inline / 1e6)
-        scheduler = make_scheduler(runner, self.metrics.model(name), self.loop_load)
+        scheduler = make_scheduler(runner, self.metrics.model(name, context.version), self.loop_load)
         try:
             servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)
         except Exception:
@@ -469,7 +469,7 @@ class ModelRepository:
                 self._retiring.pop(servable, None)
         await servable.scheduler.drain(max(0.0, deadline - time.monotonic()))
         servable.close()
-        schedulers = self.metrics.model(servable.name).schedulers
+        schedulers = self.metrics.model(servable.name, servable.version).schedulers
         if servable.scheduler in schedulers:
             schedulers.remove(servable.scheduler)
         if version is not None:
