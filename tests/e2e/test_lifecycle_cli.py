@@ -89,8 +89,8 @@ async def test_load_and_unload_with_the_token(repo: Path) -> None:
         )
         assert code == 1
         assert err == (
-            "sluice load: FAILED_PRECONDITION: model 'adder': adder/config.toml: field 'versions': no directory "
-            "for version(s) [7] (found: [1, 2])\n"
+            "sluice load: INVALID_ARGUMENT: model 'adder': parameter 'config': field 'versions': no "
+            "directory for version(s) [7] (found: [1, 2])\n"
         )
     finally:
         await server.stop(0)

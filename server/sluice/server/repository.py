@@ -221,16 +221,21 @@ class ModelRepository:
 
     def _plan(self, path: Path, override: ModelConfig | None, *, warn: bool = False) -> Plan:
         """Reads a model directory: its config (or the override) and the versions its policy serves."""
-        shown = f"{path.name}/{CONFIG_FILE}"
         config_file = path / CONFIG_FILE
         if override is not None:
+            shown = "parameter 'config'"  # as the load request named it
             config = override
             config_print: Fingerprint = (("<override>", hash(override.model_dump_json()), 0),)
         else:
+            shown = f"{path.name}/{CONFIG_FILE}"
             config = load_config(config_file, shown=shown)
             config_print = _files(config_file) if config_file.exists() else ()
         found: dict[int, Path] = {}
-        for child in path.iterdir():
+        try:
+            children = list(path.iterdir())
+        except OSError as exc:
+            raise ConfigError(f"{path.name}/: cannot read: {exc.strerror or type(exc).__name__}") from None
+        for child in children:
             if child.is_dir() and child.name.isdigit():
                 found[int(child.name)] = child
             elif child.is_dir():
@@ -511,7 +516,9 @@ class ModelRepository:
                 else:
                     entry.reason, entry.unloaded = reason, False
                 await self._changed()
-                raise SluiceError(Code.FAILED_PRECONDITION, f"model '{entry.name}': {reason}") from None
+                # An override is the caller's own mistake; a broken repository is a state the caller can fix.
+                code = Code.INVALID_ARGUMENT if override is not None else Code.FAILED_PRECONDITION
+                raise SluiceError(code, f"model '{entry.name}': {reason}") from None
             failures = await self._apply(entry, plan, retry=retry)
         if failures:
             raise SluiceError(
