@@ -60,6 +60,7 @@ async def test_health_exits_1_when_not_ready_as_the_grpc_probe_says(repo: Path) 
 async def test_load_and_unload_with_the_token(repo: Path) -> None:
     save(add_model(1.0), repo / "adder" / "1" / "model.onnx")
     save(add_model(2.0), repo / "adder" / "2" / "model.onnx")
+    (repo / "adder" / "config.toml").write_text('[execution]\nproviders = "cpu"\n')
     server = await _serve(repo, model_control="explicit", auth_token="s3cret")
     try:
         target = ("--target", server.address)
@@ -75,7 +76,7 @@ async def test_load_and_unload_with_the_token(repo: Path) -> None:
         )  # fmt: skip
 
         config = repo / "one.toml"
-        config.write_text("versions = [1]\n")
+        config.write_text('versions = [1]\n[execution]\nproviders = "cpu"\n')
         code, out, err = await sluice("load", "adder", *target, "--token", "s3cret", "--config", f"@{config}")
         assert (code, out, err) == (0, "loaded adder\n", "")
         code, out, _ = await sluice("models", *target, "--token", "s3cret", "--json")

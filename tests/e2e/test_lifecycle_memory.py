@@ -62,6 +62,7 @@ async def test_unloading_returns_the_models_memory(repo: Path) -> None:
         match = re.match(r"listening on (\S+)", line)
         assert match is not None, line
         save(heavy_model(), repo / "heavy" / "1" / "model.onnx")  # after start-up: loaded only when asked
+        (repo / "heavy" / "config.toml").write_text('[execution]\nproviders = "cpu"\n')  # weights in RSS
         async with grpc.aio.insecure_channel(match[1]) as channel:
             kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
             await kserve.ServerReady(kpb.ServerReadyRequest(), wait_for_ready=True)
