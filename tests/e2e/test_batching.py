@@ -51,12 +51,14 @@ async def test_concurrent_callers_are_batched_and_get_their_own_rows(served: Slu
         np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
 
     metrics = scrape(served)
-    rows = metrics['sluice_batch_rows_sum{model="digits"}']
-    batches = metrics['sluice_batch_rows_count{model="digits"}']
+    rows = metrics['sluice_batch_rows_sum{model="digits",version="1"}']
+    batches = metrics['sluice_batch_rows_count{model="digits",version="1"}']
     assert rows == sum(len(x) for x in inputs)
     assert batches < len(inputs), f"{batches} batches for {len(inputs)} requests: nothing was batched"
-    assert metrics['sluice_requests_total{code="OK",method="Predict",model="digits"}'] == len(inputs)
-    assert metrics['sluice_queue_rows{model="digits"}'] == 0
+    assert metrics['sluice_requests_total{code="OK",method="Predict",model="digits",version="1"}'] == len(
+        inputs
+    )
+    assert metrics['sluice_queue_rows{model="digits",version="1"}'] == 0
 
 
 async def _until(server: SluiceServer, sample: str, at_least: float) -> None:
@@ -74,10 +76,10 @@ async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceSer
     async with grpc.aio.insecure_channel(served.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         running = asyncio.ensure_future(stub.Predict(request("slow", id="running", x=big)))
-        await _until(served, 'sluice_instances_busy{model="slow"}', 1)
+        await _until(served, 'sluice_instances_busy{model="slow",version="1"}', 1)
         queued = asyncio.ensure_future(stub.Predict(request("slow", id="queued", x=big)))
         # The queue holds 300 rows: 256 are waiting, so 64 more do not fit.
-        await _until(served, 'sluice_queue_rows{model="slow"}', 256)
+        await _until(served, 'sluice_queue_rows{model="slow",version="1"}', 256)
         with pytest.raises(grpc.aio.AioRpcError) as full:
             await stub.Predict(request("slow", x=big[:64]))
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -91,12 +93,12 @@ async def test_queue_full_and_deadline_while_the_model_is_busy(served: SluiceSer
         assert (await queued).id == "queued"
     metrics = scrape(served)
     # Only the two accepted requests ever ran; the late one was dropped before its batch formed.
-    assert metrics['sluice_batch_rows_sum{model="slow"}'] == 512
-    assert metrics['sluice_rejected_total{model="slow",reason="queue_full"}'] == 1
+    assert metrics['sluice_batch_rows_sum{model="slow",version="1"}'] == 512
+    assert metrics['sluice_rejected_total{model="slow",reason="queue_full",version="1"}'] == 1
     dropped = sum(v for k, v in metrics.items() if k.startswith('sluice_dropped_total{model="slow"'))
     assert dropped == 1
-    assert metrics['sluice_queue_rows{model="slow"}'] == 0
-    assert metrics['sluice_instances_busy{model="slow"}'] == 0
+    assert metrics['sluice_queue_rows{model="slow",version="1"}'] == 0
+    assert metrics['sluice_instances_busy{model="slow",version="1"}'] == 0
 
 
 async def test_padded_requests_batch_together_and_get_their_own_lengths(repo: Path) -> None:
@@ -117,6 +119,8 @@ async def test_padded_requests_batch_together_and_get_their_own_lengths(repo: Pa
         for x, response in zip(inputs, responses, strict=True):
             np.testing.assert_array_equal(outputs(response)["y"], 2 * x)
         metrics = scrape(server)
-        assert metrics['sluice_batch_rows_count{model="doubler"}'] < len(inputs), "lengths were not batched"
+        assert metrics['sluice_batch_rows_count{model="doubler",version="1"}'] < len(inputs), (
+            "lengths were not batched"
+        )
     finally:
         await server.stop(0)

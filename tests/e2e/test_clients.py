@@ -88,7 +88,7 @@ async def test_unavailable_is_retried_then_reported(repo: Path) -> None:
             pinned = await client.predict("digits", version=1, pixels=ROWS[:1])
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert "no directory for version(s) [1]" in info.value.message
-        assert server.metrics.requests[("adder", "Predict", "UNAVAILABLE")] == 3
+        assert server.metrics.requests[("adder", "", "Predict", "UNAVAILABLE")] == 3
         assert pinned["label"].shape == (1,)
     finally:
         await server.stop(0)

@@ -358,9 +358,11 @@ async def test_unknown_models_share_one_label_and_every_reason_starts_at_zero(re
                 with pytest.raises(SluiceError):
                     await client.predict(name, pixels=ROWS[:1].astype(np.float32))
         metrics = scrape(server)
-    assert metrics['sluice_requests_total{code="NOT_FOUND",method="Predict",model="_unknown"}'] == 2
+    assert (
+        metrics['sluice_requests_total{code="NOT_FOUND",method="Predict",model="_unknown",version=""}'] == 2
+    )
     assert not [k for k in metrics if 'model=""' in k]
     for reason in ("queue_full", "too_large", "closed"):
-        assert metrics[f'sluice_rejected_total{{model="digits",reason="{reason}"}}'] == 0
+        assert metrics[f'sluice_rejected_total{{model="digits",reason="{reason}",version="1"}}'] == 0
     for reason in ("deadline", "cancelled", "shutdown"):
-        assert metrics[f'sluice_dropped_total{{model="digits",reason="{reason}"}}'] == 0
+        assert metrics[f'sluice_dropped_total{{model="digits",reason="{reason}",version="1"}}'] == 0

@@ -532,13 +532,12 @@ async def test_statistics_of_one_model(kserve: kpb_grpc.GRPCInferenceServiceAsyn
 
 
 async def test_rpcs_sluice_does_not_serve_say_why(kserve_channel: grpc.aio.Channel) -> None:
-    load = kserve_channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
+    trace = kserve_channel.unary_unary("/inference.GRPCInferenceService/TraceSetting")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await load(b"")
+        await trace(b"")
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert info.value.details() == (
-        "RepositoryModelLoad: Sluice loads its model repository at start-up; restart the server to change its "
-        "models"
+        "TraceSetting: Sluice has no request tracing; its Prometheus metrics endpoint has latencies"
     )
 
 

@@ -77,7 +77,7 @@ def _metric(port: int, name: str) -> float:
 async def _until_busy(port: int) -> None:
     """Waits until the model reports a batch running: the request is then truly in flight."""
     for _ in range(2000):
-        if await asyncio.to_thread(_metric, port, 'sluice_instances_busy{model="slow"}') >= 1:
+        if await asyncio.to_thread(_metric, port, 'sluice_instances_busy{model="slow",version="1"}') >= 1:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the request never started running")

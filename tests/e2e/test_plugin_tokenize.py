@@ -172,8 +172,8 @@ async def test_texts_of_different_lengths_batch_together_and_each_gets_its_own_r
             np.testing.assert_array_equal(got["tokens"], [len(row) for row in ids])
             np.testing.assert_array_equal(got["ids_sum"], [sum(row) for row in ids])
         metrics = scrape(server)
-        assert metrics['sluice_batch_rows_sum{model="words"}'] == rows
-        assert metrics['sluice_batch_rows_count{model="words"}'] == 1, (
+        assert metrics['sluice_batch_rows_sum{model="words",version="1"}'] == rows
+        assert metrics['sluice_batch_rows_count{model="words",version="1"}'] == 1, (
             "texts of different lengths did not batch"
         )
 

@@ -153,7 +153,12 @@ async def test_health_and_server_metadata(rest: Rest) -> None:
     status, server = await rest.get("/v2")
     assert status == 200
     assert server["name"] == "sluice"
-    assert server["extensions"] == ["model_configuration", "statistics"]
+    assert server["extensions"] == [
+        "model_configuration",
+        "statistics",
+        "model_repository",
+        "model_repository(unload_dependents)",
+    ]
 
 
 async def test_model_readiness(rest: Rest) -> None:
@@ -218,8 +223,13 @@ async def test_statistics_count_rest_and_grpc_requests_alike(rest: Rest) -> None
     assert status == 200
     assert [m["name"] for m in everything["model_stats"]] == ["add", "blob", "echo", "pair"]
     samples = scrape(rest.server)
-    assert samples['sluice_requests_total{code="OK",method="REST ModelInfer",model="add"}'] == 2
-    assert samples['sluice_requests_total{code="INVALID_ARGUMENT",method="REST ModelInfer",model="add"}'] == 1
+    assert samples['sluice_requests_total{code="OK",method="REST ModelInfer",model="add",version="2"}'] == 2
+    assert (
+        samples[
+            'sluice_requests_total{code="INVALID_ARGUMENT",method="REST ModelInfer",model="add",version="2"}'
+        ]
+        == 1
+    )
 
 
 # ---- infer: JSON, binary, BYTES --------------------------------------------------------------------

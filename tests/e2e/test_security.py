@@ -128,7 +128,7 @@ async def test_bearer_token_guards_every_service_but_health(repo: Path) -> None:
                     [r async for r in bad.stream([])]
                 assert stream_info.value.code == grpc.StatusCode.UNAUTHENTICATED
         # Refused calls never reached a model: only the one good prediction ran.
-        assert server.metrics.model("digits").batch_rows.counts[0] == 1
+        assert server.metrics.model("digits", 1).batch_rows.counts[0] == 1
         async with grpc.aio.insecure_channel(server.address) as channel:
             check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert check.status == health_pb2.HealthCheckResponse.SERVING

@@ -152,8 +152,46 @@ def statistics(client: triton.InferenceServerClient) -> dict[str, Any]:
     }
 
 
+def control(client: triton.InferenceServerClient) -> dict[str, Any]:
+    """Triton's model control against a server with model_control = explicit, on tests/e2e/
+    test_lifecycle_triton.py's repository: `add` with versions 1 (y = x + 1) and 2 (y = x + 2)."""
+    x = np.zeros((1, 4), dtype=np.float32)
+
+    def added() -> float:
+        return float(client.infer("add", [_input("x", x, "FP32")]).as_numpy("y")[0, 0])
+
+    def index() -> list[list[str]]:
+        models = client.get_model_repository_index(as_json=True).get("models", [])
+        return [[m["name"], m.get("version", ""), m.get("state", ""), m.get("reason", "")] for m in models]
+
+    def failure(attempt: Callable[[], Any]) -> dict[str, Any] | None:
+        try:
+            attempt()
+        except InferenceServerException as exc:
+            return _error(exc)
+        return None
+
+    out: dict[str, Any] = {"start": added(), "index_start": index()}
+    client.load_model("add", config=json.dumps({"versions": [1]}))
+    out["pinned_config"] = added()
+    out["index_pinned"] = index()
+    client.unload_model("add")
+    out["ready_unloaded"] = client.is_model_ready("add")
+    out["infer_unloaded"] = failure(added)
+    out["index_unloaded"] = index()
+    client.load_model("add")
+    out["ready_reloaded"] = client.is_model_ready("add")
+    out["reloaded"] = added()
+    out["load_unknown"] = failure(lambda: client.load_model("nope"))
+    out["load_bad_config"] = failure(
+        lambda: client.load_model("add", config=json.dumps({"batching": {"max_batch_size": -1}}))
+    )
+    out["after_bad_config"] = added()
+    return out
+
+
 SCENARIOS: dict[str, Callable[[triton.InferenceServerClient], dict[str, Any]]] = {
-    f.__name__: f for f in (wire, metadata, config, infer, stream, errors, statistics)
+    f.__name__: f for f in (wire, metadata, config, infer, stream, errors, statistics, control)
 }
 
 

@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from sluice.server import kserve, rest, service
 from sluice.server.core import DataPlane, Limits, Phase
 from sluice.server.metrics import Metrics
-from sluice.server.probes import Probes
-from sluice.server.repository import ModelRepository
+from sluice.server.probes import NOT_SERVING, Probes
+from sluice.server.repository import ModelRepository, State
 from sluice.server.security import BearerToken, server_credentials
 from sluice.server.service import InferenceService
 from sluice.server.settings import ServerSettings
@@ -54,6 +54,8 @@ class SluiceServer:
             self.metrics,
             max_bytes=settings.max_message_bytes,
             inference_threads=settings.inference_threads,
+            control=settings.model_control,
+            grace=settings.grace_period_s,
         )
         self.plane = DataPlane(
             self.repository,
@@ -157,12 +159,23 @@ class SluiceServer:
         if self.plane.phase is Phase.STARTING:
             self.plane.phase = Phase.SERVING
         await self.probes.loaded({name: entry.state for name, entry in self.repository.models.items()})
+        self.repository.on_change = self._models_changed
+        if self.settings.model_control == "poll":
+            self.repository.start_polling(self.settings.poll_interval_s)
         log.info(
             "ready models=%d versions_ready=%d state=%s",
             len(self.repository.models),
             len(self.repository.servables()),
             pb.ServingState.Name(self.service.state()).removeprefix("SERVING_STATE_"),
         )
+
+    async def _models_changed(self) -> None:
+        """grpc.health.v1 follows every load, reload and unload; unloaded models do not count."""
+        states = self.repository.states()
+        await self.probes.loaded({n: s for n, s in states.items() if s != State.UNLOADED})
+        for name, state in states.items():
+            if state == State.UNLOADED:
+                await self.probes.servicer.set(name, NOT_SERVING)
 
     async def loaded(self) -> None:
         """Returns once every model has loaded or failed."""
@@ -181,6 +194,7 @@ class SluiceServer:
         await self.probes.draining()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        await self.repository.close()  # no more changes; versions being unloaded are freed
         if delay > 0:
             log.info("draining: still answering for %.1fs while load balancers take this replica out", delay)
             await asyncio.sleep(delay)

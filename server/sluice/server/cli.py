@@ -1,7 +1,7 @@
 """The `sluice` command line: `sluice serve`, and the client commands handed to `sluice.clients.cli`.
 
-The server never imports the clients package at module level: `predict`, `health` and `models` are only
-named here, and their module is imported when one of them runs.
+The server never imports the clients package at module level: `predict`, `health`, `models`, `load` and
+`unload` are only named here, and their module is imported when one of them runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from sluice.server.settings import ServerSettings
 CLIENT_COMMANDS = {
     "predict": "run a model on inputs from .npy files or JSON",
     "health": "the server's state and its models' states",
-    "models": "models with their versions, inputs and outputs",
+    "models": "models with their versions, inputs, outputs and execution providers",
+    "load": "load a model, or reload what changed in it (servers with --model-control explicit)",
+    "unload": "unload every version of a model (servers with --model-control explicit)",
 }
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sluice.server.errors import invalid
 
 
 class _Frozen(BaseModel):
@@ -108,6 +111,25 @@ class ExecutionConfig(_Frozen):
     )
 
 
+class LatestVersions(_Frozen):
+    """The highest N version directories, as Triton's `version_policy: { latest: { num_versions: N } }`."""
+
+    latest: int = Field(ge=1, description="How many of the highest version directories to serve.")
+
+
+VersionPolicy = Literal["all"] | list[int] | LatestVersions
+
+
+def choose_versions(policy: VersionPolicy, found: list[int]) -> list[int]:
+    """The versions a policy serves out of the version directories found, highest first."""
+    ordered = sorted(set(found), reverse=True)
+    if policy == "all":
+        return ordered
+    if isinstance(policy, LatestVersions):
+        return ordered[: policy.latest]
+    return sorted(set(policy), reverse=True)
+
+
 class PluginRef(BaseModel):
     """A plugin named in config.toml, with its options inline: `{ name = "topk", k = 3 }`."""
 
@@ -137,8 +159,10 @@ class ModelConfig(_Frozen):
         description='Runtime that loads and runs the model: "onnx" (reads <version>/model.onnx), "python" '
         '(a class of yours), or an installed plugin; options inline: { name = "python", class = "Model" }.',
     )
-    versions: list[int] | None = Field(
-        default=None, description="Versions to load; unset loads every version directory found."
+    versions: VersionPolicy = Field(
+        default="all",
+        description='Versions to serve: "all" version directories found, the highest N ({ latest = N }), '
+        "or a list ([1, 3]); requests that name no version go to the highest ready one.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
@@ -208,6 +232,22 @@ def load_config(path: Path, shown: str | None = None) -> ModelConfig:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {describe_validation_error(exc, ModelConfig)}") from None
+
+
+def parse_override(text: str, where: str = "parameter 'config'") -> ModelConfig:
+    """A config sent with a load request, validated like a config.toml: TOML, or JSON (what Triton's clients
+    send) when it starts with '{'. INVALID_ARGUMENT names the field and the reason."""
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if text.lstrip().startswith("{") else "TOML"
+        raise invalid(f"{where}: invalid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid(f"{where}: expected a table of settings, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(f"{where}: {describe_validation_error(exc, ModelConfig)}") from None
 
 
 def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:

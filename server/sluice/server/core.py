@@ -11,6 +11,7 @@ here imports a protocol: statuses are `errors.Code`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import json
 import logging
@@ -28,12 +29,16 @@ from sluice.server.errors import Code, clip, exhausted, invalid, unavailable
 from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
-from sluice.server.repository import ModelRepository
+from sluice.server.repository import ModelRepository, State
 from sluice.server.tensors import densify, sparse_parts
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, type_name
 
 log = logging.getLogger("sluice.server")
+
+_ANSWERED_BY: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_by", default=None)
+"""The version a call resolved, for `count`'s version label: each call (and stream message) runs in a task of
+its own, so the door's skeleton need not carry it."""
 
 ANY_VARIABLE = -1
 """A `WireTensor.datatype` for KServe's BYTES: the input's own STRING or BYTES, whichever it declares."""
@@ -165,13 +170,10 @@ class DataPlane:
         return self.phase in (Phase.STARTING, Phase.SERVING)
 
     def ready(self) -> bool:
-        """Whether to send traffic here: serving, and every model of the repository ready."""
-        entries = self.repository.models.values()
-        return (
-            self.phase is Phase.SERVING
-            and bool(entries)
-            and all(entry.state == pb.MODEL_STATE_READY for entry in entries)
-        )
+        """Whether to send traffic here: serving, and every model of the repository ready (models unloaded
+        on purpose do not count: nobody expects them to answer)."""
+        states = [s for s in self.repository.states().values() if s != State.UNLOADED]
+        return self.phase is Phase.SERVING and bool(states) and all(s == State.READY for s in states)
 
     # -- admission ------------------------------------------------------------------------------------
 
@@ -255,19 +257,31 @@ class DataPlane:
         """
         if self.phase is Phase.CLOSING:
             raise unavailable("the server is shutting down; retry on another replica")
-        servable = self.repository.resolve(request.model, request.version)
-        arrays = decode_inputs(servable, request.inputs, describe)
-        names = servable.output_names(request.outputs) if request.outputs else servable.output_list
-        if request.timeout is not None:
-            ends = time.monotonic() + request.timeout
-            deadline = ends if deadline is None else min(deadline, ends)
-        outputs = await servable.infer(arrays, names, priority=request.priority, deadline=deadline)
+        repository = self.repository
+        servable = repository.resolve(request.model, request.version)
+        _ANSWERED_BY.set(servable.version)
+        # Held from lookup to answer: a version being unloaded waits for this request before it is freed.
+        repository.hold(servable)
+        try:
+            arrays = decode_inputs(servable, request.inputs, describe)
+            names = servable.output_names(request.outputs) if request.outputs else servable.output_list
+            if request.timeout is not None:
+                ends = time.monotonic() + request.timeout
+                deadline = ends if deadline is None else min(deadline, ends)
+            outputs = await servable.infer(arrays, names, priority=request.priority, deadline=deadline)
+        finally:
+            repository.release(servable)
         return InferResult(servable, request.id, [(name, outputs[name]) for name in names])
 
     def count(self, model: str, method: str, code: Code, started: float) -> None:
         """Counts one answered call; unknown model names are not labels (a caller must not grow metrics)."""
         label = model if model in self.repository.models else ""
-        self.metrics.count_request(label, method, code.name, time.monotonic() - started)
+        version = _ANSWERED_BY.get()
+        if version is not None:
+            _ANSWERED_BY.set(None)
+        self.metrics.count_request(
+            label, "" if version is None else str(version), method, code.name, time.monotonic() - started
+        )
 
 
 def decode_inputs(

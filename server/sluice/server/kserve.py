@@ -1,10 +1,12 @@
 """The Open Inference Protocol (KServe v2) servicer, `inference.GRPCInferenceService`, with the Triton
-extensions Triton's clients use (ModelConfig, ModelStatistics, RepositoryIndex).
+extensions Triton's clients use (ModelConfig, ModelStatistics, and model control: RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload).
 
 A door of the data plane (`core.py`), like sluice.v1.Inference: `kserve_tensors` turns its requests into
 the data plane's and its answers back, and the shared gRPC skeleton (`grpc_door.py`) admits, times, counts
 and maps statuses. The RPCs Sluice does not serve (model loading, shared memory, trace and log settings)
-answer UNIMPLEMENTED with a message saying why.
+answer UNIMPLEMENTED with a message saying why. Loading and unloading are the repository's
+(`ModelRepository.load_model`, `unload_model`); this door only maps the calls.
 """
 
 from __future__ import annotations
@@ -18,20 +20,18 @@ import grpc
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.server import grpc_door, kserve_models
+from sluice.server.config import parse_override
 from sluice.server.core import DataPlane, InferResult
-from sluice.server.errors import Code, SluiceError, clip, invalid
+from sluice.server.errors import Code, SluiceError, clip, invalid, not_found
 from sluice.server.kserve_tensors import describe, encode_output, model_version, to_request
 from sluice.server.pipeline import Servable
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
 """The Triton extensions served in full (ServerMetadata lists them)."""
 
-_RESTART = "Sluice loads its model repository at start-up; restart the server to change its models"
 _NO_SHM = "Sluice does not support {} shared memory; send tensors in raw_input_contents or contents"
 _UNSERVED = {
-    "RepositoryModelLoad": _RESTART,
-    "RepositoryModelUnload": _RESTART,
     **{
         f"SystemSharedMemory{verb}": _NO_SHM.format("system") for verb in ("Status", "Register", "Unregister")
     },
@@ -129,6 +129,62 @@ class KServeService:
                 f"no repository named '{clip(request.repository_name)}'; Sluice serves one, named ''",
             )
         return kserve_models.index(list(self.repository.models.values()), request.ready)
+
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: kpb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> kpb.RepositoryModelLoadResponse:
+        try:
+            self._controlled(request.repository_name, request.model_name, "RepositoryModelLoad")
+            override = None
+            for key, value in request.parameters.items():
+                if key == "config":
+                    if value.WhichOneof("parameter_choice") != "string_param":
+                        kind = value.WhichOneof("parameter_choice") or "nothing"
+                        raise invalid(f"parameter 'config': expected a string_param, got {kind}")
+                    override = parse_override(value.string_param)
+                elif key.startswith("file:"):
+                    raise invalid(
+                        f"parameter '{clip(key)}': Sluice loads model files from its repository, not from "
+                        "the request; put them in the model's directory"
+                    )
+                else:
+                    raise invalid(f"unknown parameter '{clip(key)}'; RepositoryModelLoad takes 'config'")
+            await self.repository.load_model(request.model_name, override)
+        except SluiceError as exc:
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
+        return kpb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: kpb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> kpb.RepositoryModelUnloadResponse:
+        try:
+            self._controlled(request.repository_name, request.model_name, "RepositoryModelUnload")
+            for key in request.parameters:
+                # Sluice models have no dependents (no ensembles): Triton's client sends this flag.
+                if key != "unload_dependents":
+                    raise invalid(
+                        f"unknown parameter '{clip(key)}'; RepositoryModelUnload takes 'unload_dependents'"
+                    )
+            await self.repository.unload_model(request.model_name)
+        except SluiceError as exc:
+            await context.abort(grpc_door.GRPC_CODES[exc.code], exc.message)
+        return kpb.RepositoryModelUnloadResponse()
+
+    def _controlled(self, repository: str, model: str, method: str) -> None:
+        """Refuses a load or unload the server's model_control does not allow, or that names nothing."""
+        control = self.repository.control
+        if control != "explicit":
+            why = (
+                "it re-scans its repository (model_control = poll): change the files instead"
+                if control == "poll"
+                else "its models change only with a restart (model_control = none); start it with "
+                "--model-control explicit to load and unload models"
+            )
+            raise SluiceError(Code.FAILED_PRECONDITION, f"{method}: this server does not take it: {why}")
+        if repository:
+            raise not_found(f"no repository named '{clip(repository)}'; Sluice serves one, named ''")
+        if not model:
+            raise invalid("no model name given")
 
     async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
         result = await self.plane.infer(to_request(request), deadline, describe)

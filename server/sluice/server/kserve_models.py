@@ -1,8 +1,8 @@
 """What the KServe v2 and Triton RPCs say about a model: metadata, configuration, statistics, index.
 
 Everything is read from what Sluice already keeps: the servable's signature, the model's config.toml, and
-the metrics the batcher and the servicers record. Statistics are per model (every version together), as
-Sluice measures them; `docs/kserve.md` lists which figures are estimates.
+the metrics the batcher and the servicers record. Statistics are per model version, as Sluice
+measures them; `docs/kserve.md` lists which figures are estimates.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import math
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
+from sluice.server.config import LatestVersions
 from sluice.server.kserve_tensors import tensor_metadata, triton_type
 from sluice.server.metrics import Histogram, Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
-from sluice.server.repository import ModelEntry
-from sluice.v1 import inference_pb2 as pb
+from sluice.server.repository import ModelEntry, State
 
 # Triton's names for the runtimes it shares with Sluice: (platform, backend).
 _PLATFORMS = {"onnx": ("onnxruntime_onnx", "onnxruntime")}
-_STATES: dict[int, str] = {pb.MODEL_STATE_READY: "READY", pb.MODEL_STATE_LOADING: "LOADING"}
+# Triton's words for a version's state in RepositoryIndex; a failed or unloaded one is UNAVAILABLE.
+_STATES = {State.READY: "READY", State.LOADING: "LOADING", State.UNLOADING: "UNLOADING"}
 _NS = 1e9
 
 
@@ -34,7 +35,7 @@ def metadata(servable: Servable, entry: ModelEntry) -> kpb.ModelMetadataResponse
     """Versions ready to answer, the platform, and the callers' signature with the batch dimension as -1."""
     return kpb.ModelMetadataResponse(
         name=servable.name,
-        versions=[str(v.version) for v in entry.versions if v.state == pb.MODEL_STATE_READY],
+        versions=[str(v.version) for v in entry.versions if v.state == State.READY],
         platform=platform(servable)[0],
         inputs=[tensor_metadata(spec) for spec in servable.inputs],
         outputs=[tensor_metadata(spec) for spec in servable.outputs],
@@ -61,10 +62,13 @@ def config(servable: Servable) -> mc.ModelConfig:
             for s in servable.outputs
         ],
     )
-    if settings.versions is None:
-        out.version_policy.all.SetInParent()
+    policy = settings.versions
+    if isinstance(policy, LatestVersions):
+        out.version_policy.latest.num_versions = policy.latest
+    elif isinstance(policy, list):
+        out.version_policy.specific.versions.extend(policy)
     else:
-        out.version_policy.specific.versions.extend(settings.versions)
+        out.version_policy.all.SetInParent()
     if batches and settings.batching.policy != "none":
         out.dynamic_batching.max_queue_delay_microseconds = round(settings.batching.max_delay_ms * 1000)
     gpu = any(p.startswith("CUDA") for p in model.providers)
@@ -86,26 +90,30 @@ def _dims(spec: TensorSpec, batches: bool) -> tuple[int, ...]:
 def statistics(
     servable: Servable, version: str, metrics: Metrics, last_inference_ms: int
 ) -> kpb.ModelStatistics:
-    """Cumulative statistics of one model from Sluice's metrics (all its versions together).
+    """Cumulative statistics of one model version from Sluice's metrics.
 
     Request counts, queue waits, batch sizes and run times are measured; the success/fail split of the
     time spent and the per-request compute time are estimated from them (see docs/kserve.md).
     """
-    name = servable.name
+    name, label = servable.name, str(servable.version)
     ok = failed = 0
-    for (model, _method, code), count in list(metrics.requests.items()):
-        if model == name:
+    for (model, answered_by, _method, code), count in list(metrics.requests.items()):
+        if model == name and answered_by == label:
             if code == "OK":
                 ok += count
             else:
                 failed += count
-    seconds = sum(h.sum for (model, _method), h in list(metrics.latency.items()) if model == name)
+    seconds = sum(
+        h.sum
+        for (model, answered_by, _), h in list(metrics.latency.items())
+        if (model, answered_by) == (name, label)
+    )
     answered = ok + failed
     stats = kpb.ModelStatistics(name=name, version=version, last_inference=last_inference_ms)
     infer = stats.inference_stats
     infer.success.CopyFrom(_duration(ok, seconds * ok / answered if answered else 0.0))
     infer.fail.CopyFrom(_duration(failed, seconds * failed / answered if answered else 0.0))
-    measured = metrics.models.get(name)
+    measured = metrics.models.get((name, servable.version))
     runs = 0 if measured is None else _count(measured.batch_rows)
     if measured is None or runs == 0:
         # No batch was observed: the model does not batch (each request is one run) or has not run yet.
@@ -140,11 +148,13 @@ def _duration(count: int, seconds: float) -> kpb.StatisticDuration:
 
 
 def index(entries: list[ModelEntry], ready_only: bool) -> kpb.RepositoryIndexResponse:
-    """Every model version with its state; a model whose directory or config failed has one entry."""
+    """Every model version with its state; a model whose directory or config failed has one entry, and so
+    has a model unloaded before any version loaded."""
     out = kpb.RepositoryIndexResponse()
     for entry in entries:
         if not entry.versions and not ready_only:
-            out.models.add(name=entry.name, state="UNAVAILABLE", reason=entry.failure)
+            reason = (entry.reason or "unloaded") if entry.unloaded else entry.failure
+            out.models.add(name=entry.name, state="UNAVAILABLE", reason=reason)
         for v in entry.versions:
             state = _STATES.get(v.state, "UNAVAILABLE")
             if ready_only and state != "READY":

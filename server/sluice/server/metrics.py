@@ -8,7 +8,7 @@ per request; these cost one list index and an add. One registry per server, no g
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+MODEL_STATES = ("LOADING", "READY", "UNLOADING", "UNLOADED", "FAILED")
 ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 # The reasons sluice.batcher reports; their series start at 0 so that rate() and alerts see the first event.
 REJECT_REASONS = ("queue_full", "too_large", "closed")
@@ -104,29 +105,36 @@ class Metrics(Collector):
     """All of a server's metrics, registered in a registry of its own."""
 
     def __init__(self) -> None:
-        self.models: dict[str, ModelMetrics] = {}
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.models: dict[tuple[str, int], ModelMetrics] = {}
+        """Per model version."""
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        """(model, version, method, code): calls answered; version "" when no version was resolved."""
+        self.latency: dict[tuple[str, str, str], Histogram] = {}
         self.overload: dict[str, int] = {"max_inflight": 0, "max_streams": 0}
+        self.model_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
+        """Every model version as (model, version, state), read when scraped (the repository sets it)."""
         self.registry = CollectorRegistry(auto_describe=False)
         self._http: WSGIServer | None = None
         self.registry.register(self)
 
-    def model(self, name: str) -> ModelMetrics:
-        found = self.models.get(name)
+    def model(self, name: str, version: int) -> ModelMetrics:
+        """One model version's measures (kept after it is unloaded: counters never go back)."""
+        key = (name, version)
+        found = self.models.get(key)
         if found is None:
-            found = self.models[name] = ModelMetrics()
+            found = self.models[key] = ModelMetrics()
         return found
 
-    def count_request(self, model: str, method: str, code: str, seconds: float) -> None:
+    def count_request(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
         """Counts one answered request and its end-to-end time; `model` is "" for an unknown model."""
         model = model or UNKNOWN_MODEL
-        key = (model, method, code)
+        key = (model, version, method, code)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        latency = self.latency.get((model, method))
+        timed = (model, version, method)
+        latency = self.latency.get(timed)
         if latency is None:
-            latency = self.latency[(model, method)] = Histogram(LATENCY_BUCKETS)
+            latency = self.latency[timed] = Histogram(LATENCY_BUCKETS)
         latency.observe(seconds)
 
     def count_overload(self, limit: str) -> None:
@@ -135,19 +143,21 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "sluice_requests", "Requests answered, by model, method and gRPC status code.",
-            labels=["model", "method", "code"],
+            "sluice_requests",
+            "Requests answered, by model, version (empty when none was resolved), method and gRPC status "
+            "code.",
+            labels=["model", "version", "method", "code"],
         )  # fmt: skip
-        for (model, method, code), count in list(self.requests.items()):
-            requests.add_metric([model, method, code], count)
+        for (model, version, method, code), count in list(self.requests.items()):
+            requests.add_metric([model, version, method, code], count)
         yield requests
         latency = HistogramMetricFamily(
             "sluice_request_duration_seconds", "End-to-end time of a request inside the server.",
-            labels=["model", "method"],
+            labels=["model", "version", "method"],
         )  # fmt: skip
-        for (model, method), hist in list(self.latency.items()):
+        for (model, version, method), hist in list(self.latency.items()):
             buckets, total = hist.cumulative()
-            latency.add_metric([model, method], buckets, total)
+            latency.add_metric([model, version, method], buckets, total)
         yield latency
         overload = CounterMetricFamily(
             "sluice_overload", "Calls and streams refused with RESOURCE_EXHAUSTED, by the limit reached.",
@@ -167,33 +177,44 @@ class Metrics(Collector):
             ("batch_rows", "sluice_batch_rows", "Rows per batch run."),
             ("batch_requests", "sluice_batch_requests", "Requests per batch run."),
         ):
-            family = HistogramMetricFamily(name, doc, labels=["model"])
-            for model, m in models:
+            family = HistogramMetricFamily(name, doc, labels=["model", "version"])
+            for (model, number), m in models:
                 buckets, total = getattr(m, attr).cumulative()
-                family.add_metric([model], buckets, total)
+                family.add_metric([model, str(number)], buckets, total)
             yield family
-        queue = GaugeMetricFamily("sluice_queue_rows", "Rows waiting in the queue.", labels=["model"])
-        busy = GaugeMetricFamily(
-            "sluice_instances_busy", "Model instances running a batch.", labels=["model"]
-        )
-        errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=["model"])
+        labels = ["model", "version"]
+        queue = GaugeMetricFamily("sluice_queue_rows", "Rows waiting in the queue.", labels=labels)
+        busy = GaugeMetricFamily("sluice_instances_busy", "Model instances running a batch.", labels=labels)
+        errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=labels)
         rejected = CounterMetricFamily(
             "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
-            labels=["model", "reason"],
+            labels=[*labels, "reason"],
         )  # fmt: skip
         dropped = CounterMetricFamily(
             "sluice_dropped", "Queued requests never run, by reason (deadline, cancelled, shutdown).",
-            labels=["model", "reason"],
+            labels=[*labels, "reason"],
         )  # fmt: skip
-        for model, m in models:
-            queue.add_metric([model], sum(s.queue_rows for s in m.schedulers))
-            busy.add_metric([model], sum(s.busy for s in m.schedulers))
-            errors.add_metric([model], m.batch_errors)
+        for (model, number), m in models:
+            version = str(number)
+            queue.add_metric([model, version], sum(s.queue_rows for s in m.schedulers))
+            busy.add_metric([model, version], sum(s.busy for s in m.schedulers))
+            errors.add_metric([model, version], m.batch_errors)
             for reason, count in list(m.rejected.items()):
-                rejected.add_metric([model, reason], count)
+                rejected.add_metric([model, version, reason], count)
             for reason, count in list(m.dropped.items()):
-                dropped.add_metric([model, reason], count)
+                dropped.add_metric([model, version, reason], count)
         yield from (queue, busy, errors, rejected, dropped)
+        if self.model_states is not None:
+            states = GaugeMetricFamily(
+                "sluice_model_state",
+                "1 for each model version's state (LOADING, READY, UNLOADING, UNLOADED, FAILED), 0 for the "
+                'others; version "" for a model whose config or directories failed.',
+                labels=["model", "version", "state"],
+            )
+            for model, version, state in self.model_states():
+                for name in MODEL_STATES:
+                    states.add_metric([model, version, name], 1.0 if name == state else 0.0)
+            yield states
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""

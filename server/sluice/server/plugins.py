@@ -334,7 +334,9 @@ def options_of(cls: type[Any], kind: Kind, where: str, values: Mapping[str, Any]
     try:
         return model.model_validate(dict(values))
     except ValidationError as exc:
-        raise LoadError(f"{where}: {kind[:-1]} plugin options: {describe_validation_error(exc, model)}") from None
+        raise LoadError(
+            f"{where}: {kind[:-1]} plugin options: {describe_validation_error(exc, model)}"
+        ) from None
 
 
 def build(kind: Kind, ref: PluginRef, where: str, context: PluginContext) -> Any:

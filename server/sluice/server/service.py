@@ -9,6 +9,7 @@ import grpc
 from sluice.server import grpc_door
 from sluice.server.core import DataPlane, InferRequest, InferResult, Phase, WireTensor, integer_parameter
 from sluice.server.errors import Code, SluiceError
+from sluice.server.repository import State
 from sluice.server.tensors import encode
 from sluice.v1 import inference_pb2 as pb
 
@@ -101,7 +102,7 @@ class InferenceService:
         phase = self.plane.phase
         if phase is not Phase.SERVING:
             return _STATES[phase]
-        if any(entry.state == pb.MODEL_STATE_READY for entry in self.repository.models.values()):
+        if any(state == State.READY for state in self.repository.states().values()):
             return pb.SERVING_STATE_SERVING
         return pb.SERVING_STATE_NOT_SERVING
 

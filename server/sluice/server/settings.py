@@ -21,6 +21,17 @@ class ServerSettings(BaseSettings):
         description="Directory of models (<repo>/<model>/config.toml, <repo>/<model>/<version>/model.onnx); "
         "unset serves the bundled example repository.",
     )
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        default="none",
+        description="How models change while serving: none (load the repository at start, never change), "
+        "explicit (also load and unload on RepositoryModelLoad/Unload calls), poll (re-scan the "
+        "repository every poll_interval_s).",
+    )
+    poll_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between scans of the repository with model_control = poll.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface the gRPC port binds to; 0.0.0.0 exposes it to the network.",

@@ -28,7 +28,7 @@ which carries this notice:
   IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 
 Every message, field and number kept here is the published one, so Triton's and KServe's clients talk
-to Sluice unchanged. RPCs Sluice does not serve (model loading, shared memory, trace and log settings)
+to Sluice unchanged. RPCs Sluice does not serve (shared memory, trace and log settings)
 and fields it never reads or sets are left out; the server answers those RPCs UNIMPLEMENTED with a
 message saying why. Do not renumber or rename anything.
 """
@@ -83,6 +83,13 @@ class GRPCInferenceServiceStub:
     """Triton extension: cumulative statistics of one model, or of every model."""
     RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
     """Triton extension: the models of the repository and their states."""
+    RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]
+    """Triton extension: loads a model, or reloads it (its config.toml, or an override in parameters["config"],
+    and its version directories); the versions it serves now keep serving until the new ones are ready.
+    Served with model_control = "explicit"; FAILED_PRECONDITION otherwise.
+    """
+    RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
+    """Triton extension: unloads every version of a model once it has answered what it already accepted."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -109,6 +116,13 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Triton extension: cumulative statistics of one model, or of every model."""
     RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
     """Triton extension: the models of the repository and their states."""
+    RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
+    """Triton extension: loads a model, or reloads it (its config.toml, or an override in parameters["config"],
+    and its version directories); the versions it serves now keep serving until the new ones are ready.
+    Served with model_control = "explicit"; FAILED_PRECONDITION otherwise.
+    """
+    RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
+    """Triton extension: unloads every version of a model once it has answered what it already accepted."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the same port as sluice.v1.Inference, over the same models, batcher and plugins."""
@@ -192,5 +206,24 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryIndexResponse]]:
         """Triton extension: the models of the repository and their states."""
+
+    @_abc_1.abstractmethod
+    def RepositoryModelLoad(
+        self,
+        request: _grpc_service_pb2.RepositoryModelLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryModelLoadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelLoadResponse]]:
+        """Triton extension: loads a model, or reloads it (its config.toml, or an override in parameters["config"],
+        and its version directories); the versions it serves now keep serving until the new ones are ready.
+        Served with model_control = "explicit"; FAILED_PRECONDITION otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def RepositoryModelUnload(
+        self,
+        request: _grpc_service_pb2.RepositoryModelUnloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]:
+        """Triton extension: unloads every version of a model once it has answered what it already accepted."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
