@@ -363,7 +363,11 @@ class ModelRepository:
             unchanged = (
                 now is not None and not config_changed and now.fingerprint == plan.version_prints[version]
             )
-            if unchanged and now is not None and (now.state == State.READY or not retry):
+            if (
+                unchanged
+                and now is not None
+                and (now.state == State.READY or (now.state == State.FAILED and not retry))
+            ):
                 continue
             builds[version] = path
             if now is None or now.state != State.READY:
