@@ -131,11 +131,22 @@ def build_request(
     return request
 
 
-def _merged(inputs: Mapping[str, Input] | str | None, named: Mapping[str, Input]) -> dict[str, Input]:
+def _merged(
+    inputs: Mapping[str, Input] | str | None,
+    named: Mapping[str, Input],
+    status: pb.ModelStatus | None = None,
+    version: int | None = None,
+) -> dict[str, Input]:
     """Positional and keyword inputs as one mapping; Cluster Serving's {"instances": [...]} (a dict or its
-    JSON text) becomes one row per instance."""
+    JSON text) becomes one row per instance, its numbers cast to the model's types (from `status`)."""
     if inputs is not None and is_instances(inputs):
-        return {**instances(inputs), **named}
+        types: dict[str, int] = {}
+        if status is not None:
+            for served in status.versions:
+                if version is None or served.version == version:
+                    types = {spec.name: spec.datatype for spec in served.inputs}
+                    break
+        return {**instances(inputs, types), **named}
     if isinstance(inputs, str):
         raise TypeError(
             'inputs: a str must be the JSON text of {"instances": [...]}; pass arrays as name=array'
@@ -254,8 +265,13 @@ class Client:
         mapping in the second argument, which may also be Cluster Serving's {"instances": [{...}, ...]}
         (a dict or its JSON text). Every form of `sluice.clients.forms` is taken.
         """
+        status = self.metadata(model, timeout=timeout) if is_instances(inputs) else None
         request = build_request(
-            model, _merged(inputs, named), version=version, outputs=outputs, priority=priority
+            model,
+            _merged(inputs, named, status, version),
+            version=version,
+            outputs=outputs,
+            priority=priority,
         )
         return read_outputs(self._call(self._stub.Predict, request, timeout))
 
@@ -335,8 +351,13 @@ class AsyncClient:
         mapping in the second argument, which may also be Cluster Serving's {"instances": [{...}, ...]}
         (a dict or its JSON text). Every form of `sluice.clients.forms` is taken.
         """
+        status = await self.metadata(model, timeout=timeout) if is_instances(inputs) else None
         request = build_request(
-            model, _merged(inputs, named), version=version, outputs=outputs, priority=priority
+            model,
+            _merged(inputs, named, status, version),
+            version=version,
+            outputs=outputs,
+            priority=priority,
         )
         return read_outputs(await self._call(self._stub.Predict, request, timeout))
 

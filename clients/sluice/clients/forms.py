@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from sluice.clients.codec import to_tensor
 from sluice.v1 import inference_pb2 as pb
-from sluice.wire import encode, format_shape
+from sluice.wire import NUMERIC, encode, format_shape
 
 __all__ = ["Input", "input_tensor", "instances", "is_instances", "sparse_tensor", "top_n"]
 
@@ -108,10 +108,12 @@ def is_instances(value: object) -> bool:
     )
 
 
-def instances(value: Mapping[str, Any] | str) -> dict[str, Input]:
+def instances(value: Mapping[str, Any] | str, types: Mapping[str, int] | None = None) -> dict[str, Input]:
     """`{"instances": [{"a": ..., "b": ...}, ...]}` as inputs: one row per instance, stacked by name.
 
-    A row that is a file form ({"path"}/{"b64"}) is read and sent as BYTES, one element per instance."""
+    Numbers are cast to `types` (input name to wire data type: the model's, as the CLI casts JSON), since
+    JSON does not say FP32 or FP64. A row that is a file form ({"path"}/{"b64"}) is read and sent as
+    BYTES, one element per instance."""
     data: Any = value
     if isinstance(value, str):
         try:
@@ -137,8 +139,12 @@ def instances(value: Mapping[str, Any] | str) -> dict[str, Input]:
             out[name] = array
         else:
             try:
-                out[name] = np.asarray(column)
-            except ValueError as exc:
+                array = np.asarray(column)
+                datatype = (types or {}).get(name)
+                if datatype in NUMERIC and array.dtype.kind in "biuf":
+                    array = array.astype(NUMERIC[datatype])
+                out[name] = array
+            except (OverflowError, ValueError) as exc:
                 raise ValueError(
                     f"instances: input '{name}' is not rectangular across instances ({exc})"
                 ) from None
