@@ -160,6 +160,13 @@ class PythonModel:
             out[spec.name] = _conform(np.asarray(result[spec.name]), spec, self._owner)
         return out
 
+    def tune(self, inline: bool) -> bool:
+        """Called once the server's warm-up and timing runs are over: from now on every row is a caller's."""
+        for obj in self._objects:
+            if isinstance(obj, _Runner):
+                obj.loading = False
+        return False
+
     def close(self) -> None:
         for obj in self._objects:
             close = getattr(obj, "close", None)
@@ -315,6 +322,10 @@ class _Runner:
         self._outputs: Sequence[TensorSpec] = ()
         self._pool: ThreadPoolExecutor | None = None
         self._owner = ""
+        self._example: dict[str, Any] | None = None
+        self.loading = True
+        """While the server warms the model up and times it, on rows of zeros and empty strings that a
+        schema may refuse (min_length=1): those rows are replaced by the schema's first example."""
 
     @classmethod
     def vessl(cls, obj: Any, context: PluginContext) -> _Runner:
@@ -360,6 +371,8 @@ class _Runner:
         if self._request is None:
             return
         examples = _examples(self._request)
+        if examples:
+            self._example = self._request.model_validate(examples[0]).model_dump()
         for index, example in enumerate(examples):
             try:
                 full = self._request.model_validate(example).model_dump()  # defaults filled in
@@ -389,7 +402,9 @@ class _Runner:
             try:
                 data = self._request.model_validate(row)
             except ValidationError as exc:
-                raise PluginError(f"request: {describe_validation_error(exc)}") from None
+                if not (self.loading and self._example is not None):
+                    raise PluginError(f"request: {describe_validation_error(exc)}") from None
+                data = self._request.model_validate(self._example)
         return data if self._pre is None else self._pre(data)
 
     def _after(self, result: Any) -> dict[str, Any]:
