@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import struct
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -199,3 +200,18 @@ async def test_sparse_model_takes_index_lists_and_scipy_matrices(repo: Path) -> 
     np.testing.assert_array_equal(by_scipy["score"], expected)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "expected FP32 [-1, 6]" in caught.value.message
+
+
+async def test_the_cli_takes_the_path_and_b64_forms(server: SluiceServer) -> None:
+    b64 = base64.b64encode(SEVEN.read_bytes()).decode()
+    labels = []
+    for form in ({"path": str(SEVEN)}, {"b64": b64}):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sluice.server.cli", "predict", "digits_image",
+            "--input", f"image={json.dumps(form)}", "--target", server.address, "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        labels.append(json.loads(out)["labels"][0][0])
+    assert labels == ["seven", "seven"]

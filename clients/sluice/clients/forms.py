@@ -31,7 +31,7 @@ from sluice.clients.codec import to_tensor
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, encode, format_shape
 
-__all__ = ["Input", "input_tensor", "instances", "is_instances", "sparse_tensor", "top_n"]
+__all__ = ["Input", "file_bytes", "input_tensor", "instances", "is_instances", "sparse_tensor", "top_n"]
 
 Input = Any
 """What an input may be: an array-like, a str or list of str, {"path": ...}, {"b64": ...}, a scipy.sparse
@@ -133,7 +133,7 @@ def instances(value: Mapping[str, Any] | str, types: Mapping[str, int] | None = 
     for name in names:
         column = [row[name] for row in rows]
         if all(isinstance(item, Mapping) for item in column):
-            column = [_file_bytes(name, item) for item in column]
+            column = [file_bytes(name, item) for item in column]
             array = np.empty(len(column), dtype=object)  # bytes elements kept whole, not as S arrays
             array[:] = column
             out[name] = array
@@ -180,7 +180,7 @@ def top_n(outputs: Mapping[str, npt.NDArray[Any]], row: int = 0) -> dict[str, fl
 
 
 def _file_form(name: str, value: Mapping[str, Any]) -> pb.Tensor:
-    data = _file_bytes(name, value)
+    data = file_bytes(name, value)
     return pb.Tensor(name=name, datatype=pb.DATA_TYPE_BYTES, shape=[1], raw_contents=encode(_one(data))[1])
 
 
@@ -190,8 +190,8 @@ def _one(data: bytes) -> npt.NDArray[Any]:
     return array
 
 
-def _file_bytes(name: str, value: Mapping[str, Any]) -> bytes:
-    """The bytes a `{"path": ...}` or `{"b64": ...}` value stands for."""
+def file_bytes(name: str, value: Mapping[str, Any]) -> bytes:
+    """The bytes a `{"path": ...}` or `{"b64": ...}` value of input `name` stands for."""
     if set(value) == {"path"}:
         path = Path(value["path"])
         try:
