@@ -17,7 +17,7 @@ from sklearn.datasets import load_iris
 
 from sluice.clients import AsyncClient, ClientOptions, Retry, SluiceError
 from sluice.server.app import SluiceServer
-from sluice.server.registration import register
+from sluice.server.registration import register, runner_source
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 
@@ -32,7 +32,7 @@ import numpy as np
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from sluice.server.registration import register
+from sluice.server.registration import register, runner_source
 
 LABELS = ["setosa", "versicolor", "virginica"]
 
@@ -200,3 +200,37 @@ async def test_a_registered_plain_runner_serves(repo: Path) -> None:
         await server.stop(0)
     assert got["y"].tolist() == [3.0, -4.0]
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("requirements", "reason"),
+    [
+        ('["numpy>=1"]', ""),
+        ('["numpy<1"]', "requirements not met: numpy<1 ({numpy} installed); run: pip install 'numpy<1'"),
+        (
+            '["not a requirement!"]',
+            "runtime option 'requirements': 'not a requirement!' is not a requirement",
+        ),
+    ],
+    ids=["met", "too-new", "malformed"],
+)
+async def test_the_requirements_option_is_checked_at_load(repo: Path, requirements: str, reason: str) -> None:
+    (repo / "double" / "1").mkdir(parents=True)
+    (repo / "double" / "config.toml").write_text(
+        f'[runtime]\nname = "python"\nclass = "Doubler"\nrequirements = {requirements}\n'
+    )
+    (repo / "double" / "1" / "model.py").write_text(runner_source(Doubler))
+    settings = ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1, grace_period_s=5)
+    server = SluiceServer(settings)
+    await server.start()
+    try:
+        await server.loaded()
+        async with AsyncClient(server.address) as client:
+            (version,) = (await client.health("double")).models[0].versions
+    finally:
+        await server.stop(0)
+    if not reason:
+        assert version.state == pb.MODEL_STATE_READY
+    else:
+        assert version.state == pb.MODEL_STATE_FAILED
+        assert reason.format(numpy=np.__version__) in version.reason
