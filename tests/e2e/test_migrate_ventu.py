@@ -134,3 +134,19 @@ async def test_a_response_the_schema_refuses_fails_only_its_request(repo: Path) 
     assert caught.value.code == grpc.StatusCode.INTERNAL
     assert "model 'shout'" in caught.value.message
     assert "Traceback" not in caught.value.message
+
+
+async def test_a_request_the_schema_refuses_is_the_callers_mistake_and_fails_alone(repo: Path) -> None:
+    _repository(repo)
+    async with serving(repo) as (server, _), AsyncClient(server.address) as client:
+        good, bad = await asyncio.gather(
+            client.predict("shout", text=["fine"], repeat=np.array([1])),
+            client.predict("shout", text=["loud"], repeat=np.array([9])),
+            return_exceptions=True,
+        )
+    assert not isinstance(good, BaseException)
+    assert good["shout"].tolist() == ["FINE!"]
+    assert isinstance(bad, SluiceError)
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "repeat" in bad.message
+    assert "less than or equal to 5" in bad.message

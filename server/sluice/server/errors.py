@@ -123,6 +123,10 @@ def to_status(exc: BaseException, context: str) -> tuple[Code, str]:
         else:
             code = Code.INTERNAL
         if isinstance(exc, ModelRunError):
+            cause = exc.__cause__
+            if isinstance(cause, SluiceError):
+                # A runtime refusing this request's own rows (a schema it validates, say), with its status.
+                return cause.code, cause.message
             # The model's own failure: say which model failed, keep its internals in the log, where the
             # scheduler wrote them once per failed run (not once per request of the batch).
             return code, f"model '{exc.model}' failed to run this request's batch; {LOG_HINT}"
