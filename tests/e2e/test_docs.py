@@ -97,8 +97,10 @@ def environment(address: str) -> dict[str, str]:
     return {**env, "SLUICE_TARGET": address}
 
 
-async def run_block(block: Block, cwd: Path, address: str) -> str:
+async def run_block(block: Block, cwd: Path, address: str, http: str = "127.0.0.1:8000") -> str:
     code = block.code.replace("127.0.0.1:8001", address)
+    for default in ("127.0.0.1:8000", "localhost:8000"):  # the REST port (KServe v2 over HTTP)
+        code = code.replace(default, http)
     command = [sys.executable, "-c", code] if block.lang in PYTHON else ["sh", "-e", "-c", code]
     proc = await asyncio.create_subprocess_exec(
         *command, cwd=cwd, env=environment(address),
@@ -124,7 +126,7 @@ async def background(block: Block, cwd: Path) -> AsyncIterator[str]:
     """The block's server, on a fresh port; stopped as Ctrl-C would, and it must exit 0."""
     (command,) = block.code.strip().splitlines()
     port = free_port()
-    env = {**environment(""), "SLUICE_PORT": str(port), "SLUICE_METRICS_PORT": "0"}
+    env = {**environment(""), "SLUICE_PORT": str(port), "SLUICE_METRICS_PORT": "0", "SLUICE_HTTP_PORT": "0"}
     proc = await asyncio.create_subprocess_exec(
         "sh", "-c", f"exec {command}", cwd=cwd, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -153,9 +155,13 @@ async def test_every_command_block_works_as_written(page: Path, tmp_path: Path) 
     cwd = workdir(tmp_path)
     async with AsyncExitStack() as stack:
         address = ""
+        http = f"127.0.0.1:{free_port()}"
         todo = runnable(page)
         if not any(block.mark == "server" for block in todo):
-            server = SluiceServer(ServerSettings(port=0, metrics_port=-1, grace_period_s=5))
+            settings = ServerSettings(
+                port=0, metrics_port=-1, http_port=int(http.split(":")[1]), grace_period_s=5
+            )
+            server = SluiceServer(settings)
             await server.start()
             stack.push_async_callback(server.stop, 0)
             await server.loaded()
@@ -164,7 +170,7 @@ async def test_every_command_block_works_as_written(page: Path, tmp_path: Path) 
             if block.mark == "server":
                 address = await stack.enter_async_context(background(block, cwd))
                 continue
-            out = await run_block(block, cwd, address)
+            out = await run_block(block, cwd, address, http)
             lines = [line.strip() for line in out.splitlines()]
             missing = [line for line in block.output if line not in lines]
             assert not missing, f"{block.where}: output lacks {missing}; it was:\n{out}"
@@ -177,7 +183,7 @@ async def test_make_serve_serves_the_bundled_models(tmp_path: Path) -> None:
     if await up_to_date.wait() != 0:
         pytest.skip("make serve would reinstall .venv first; run `make .venv/bin/.installed`")
     port = free_port()
-    env = {**environment(""), "SLUICE_PORT": str(port), "SLUICE_METRICS_PORT": "0"}
+    env = {**environment(""), "SLUICE_PORT": str(port), "SLUICE_METRICS_PORT": "0", "SLUICE_HTTP_PORT": "0"}
     proc = await asyncio.create_subprocess_exec(
         "make", "--no-print-directory", "-s", "serve", cwd=ROOT, env=env, start_new_session=True,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
