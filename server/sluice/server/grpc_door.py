@@ -111,9 +111,16 @@ def unary(
         return response, Code.OK, "", model
 
     async def handle(data: bytes, context: Context) -> Response | _Empty:
-        started = time.monotonic()
-        if len(data) >= LARGE:
+        if len(data) < LARGE:
+            return await handle_one(data, context)
+        memory.large_request()
+        try:
+            return await handle_one(data, context)
+        finally:
             memory.large_request()
+
+    async def handle_one(data: bytes, context: Context) -> Response | _Empty:
+        started = time.monotonic()
         try:
             plane.enter()
         except SluiceError as exc:
@@ -159,10 +166,17 @@ def stream(
         deadline = _deadline(context, time.monotonic())
 
         async def one(data: bytes) -> Response:
+            if len(data) < LARGE:
+                return await answer_one(data)
+            memory.large_request()
+            try:
+                return await answer_one(data)
+            finally:
+                memory.large_request()
+
+        async def answer_one(data: bytes) -> Response:
             # Parsed before admission: even a refused message's answer must carry its id.
             started = time.monotonic()
-            if len(data) >= LARGE:
-                memory.large_request()
             request: Request | None = None
             model = ""
             try:

@@ -13,12 +13,12 @@ import asyncio
 import ctypes
 import ctypes.util
 import sys
-import time
 from collections.abc import Callable
 
 _TRIM_DELAY_S = 0.05
-"""How long after a large request arrives to trim: by then its call has usually ended."""
+"""How long after a large request arrives or ends to trim: by then gRPC has freed its buffers."""
 _MIN_INTERVAL_S = 0.25
+"""The shortest time between two trims."""
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -34,30 +34,30 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _trim = _malloc_trim()
 _scheduled = False
-_last = 0.0
+_again = False
 
 
 def large_request() -> None:
-    """Notes that a large request arrived: freed memory is given back shortly after (on the event loop)."""
-    global _scheduled
-    if _trim is None or _scheduled:
+    """Notes that a large request arrived or ended: freed memory is given back shortly after (and once more
+    after the last such note, so the memory of the last large call is given back too)."""
+    global _scheduled, _again
+    if _trim is None:
+        return
+    if _scheduled:
+        _again = True
         return
     _scheduled = True
-    loop = asyncio.get_running_loop()
-    delay = max(_TRIM_DELAY_S, _last + _MIN_INTERVAL_S - time.monotonic())
-    loop.call_later(delay, _run, loop)
+    asyncio.get_running_loop().call_later(_TRIM_DELAY_S, _run)
 
 
-def _run(loop: asyncio.AbstractEventLoop) -> None:
-    global _scheduled, _last
-    _scheduled = False
-    _last = time.monotonic()
+def _run() -> None:
+    global _scheduled, _again
     assert _trim is not None
+    loop = asyncio.get_running_loop()
     # In a worker thread: trimming a large heap takes milliseconds the event loop should not wait for.
     loop.run_in_executor(None, _trim, 0)
-
-
-def trim_now() -> None:
-    """Gives free memory back at once (after a model is unloaded, say)."""
-    if _trim is not None:
-        _trim(0)
+    if _again:
+        _again = False
+        loop.call_later(_MIN_INTERVAL_S, _run)
+    else:
+        _scheduled = False
