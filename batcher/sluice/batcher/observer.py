@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 
 class BatchObserver(Protocol):
@@ -32,6 +33,34 @@ class BatchObserver(Protocol):
         Called once per batch. When its run raised and parts of it were re-run (isolate_failures),
         `error` is what that first run raised and `run_time` is that run's, whatever the re-runs did:
         the observer sees neither the re-runs nor their time."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunTimes:
+    """One run that answered its batch: shared by every member, so a member's statistics cost no copy."""
+
+    rows: int
+    started: float
+    """time.monotonic() when the run began: the end of each member's wait in the queue."""
+    assemble: float
+    """Seconds spent building the batched inputs from the members' (Triton's compute_input)."""
+    run: float
+    """Seconds the model ran, thread hand-off included (compute_infer)."""
+    split: float
+    """Seconds spent checking the outputs and handing each member its rows (compute_output)."""
+
+
+@runtime_checkable
+class RunObserver(Protocol):
+    """Also receives what exact per-request statistics need; the batcher calls these only on observers
+    that have them, so a plain BatchObserver keeps working."""
+
+    def on_run(self, times: RunTimes) -> None:
+        """A run answered its members (re-runs of parts of a failed batch included): once per run."""
+
+    def on_answer(self, rows: int, queued_for: float, times: RunTimes) -> None:
+        """A member got its rows of `times`' run; called in the caller's own task, when its `submit`
+        returns, so the observer can tie it to the request's fate (what the caller answers)."""
 
 
 class NullObserver:
