@@ -137,7 +137,8 @@ class Batcher:
             else:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     result = await self._answer(item)
-            self._answered(item)
+            if self._timed is not None and item.ran is not None:
+                self._timed.on_answer(item.rows, item.ran.started - item.arrival, item.ran)
             return result
         except TimeoutError:
             future = item.future
