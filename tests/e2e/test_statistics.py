@@ -11,8 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
+from sluice.kserve.v2 import grpc_service_pb2 as kpb
+from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from support import ROOT, add_model, save
@@ -123,3 +128,56 @@ def test_a_run_counts_once_per_batch_and_once_per_member(seen: dict[str, Any]) -
     assert per_request <= 4 * per_batch + 4
     # The first requests of each group waited in the queue for the rest.
     assert _ns(pack["inference_stats"], "queue") > 0
+
+
+def _tile_model() -> Any:
+    """y = x tiled 8 times along its row: FP32 [N, 4] in, [N, 32] out (an answer 8 times its request)."""
+    repeats = numpy_helper.from_array(np.array([1, 8], dtype=np.int64), "repeats")
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"])],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [repeats],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+async def test_a_request_that_fails_after_its_run_counts_only_as_a_failure(repo: Path) -> None:
+    save(_tile_model(), repo / "tile" / "1" / "model.onnx")
+    settings = ServerSettings(
+        model_repository=repo, port=0, metrics_port=-1, http_port=-1, max_message_bytes=1024
+    )
+    server = SluiceServer(settings)
+    await server.start()
+    await server.loaded()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def infer(rows: int) -> None:
+                x = np.ones((rows, 4), np.float32)
+                tensor = kpb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=x.shape)
+                await stub.ModelInfer(
+                    kpb.ModelInferRequest(
+                        model_name="tile", inputs=[tensor], raw_input_contents=[x.tobytes()]
+                    )
+                )
+
+            await infer(2)  # 256 bytes of outputs: answered
+            # 16 rows: 256 bytes in, 2048 out, over the limit only once the model has run.
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await infer(16)
+            assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            request = kpb.ModelStatisticsRequest(name="tile")
+            (stats,) = (await stub.ModelStatistics(request)).model_stats
+    finally:
+        await server.stop(0)
+    infer_stats = stats.inference_stats
+    assert (infer_stats.success.count, infer_stats.fail.count) == (1, 1)
+    for step in STEPS:
+        assert getattr(infer_stats, step).count == 1, step
+    # Both requests ran, each alone; only the one answered counts its rows.
+    assert stats.execution_count == 2
+    assert sorted((b.batch_size, b.compute_infer.count) for b in stats.batch_stats) == [(2, 1), (16, 1)]
+    assert stats.inference_count == 2
