@@ -14,6 +14,7 @@ Run: ``PYTHONPATH=proto python benchmarks/compare_echo.py --server-cmd "sluice s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write all rounds and the ratio to this file")
     args = parser.parse_args(argv)
 
-    env_note = "" if "PYTHONPATH" in os.environ else " (set PYTHONPATH=proto if sluice is not installed)"
+    installed = "PYTHONPATH" in os.environ or importlib.util.find_spec("sluice.v1") is not None
+    env_note = "" if installed else " (set PYTHONPATH=proto: sluice is not installed)"
     echo_cmd = [
         sys.executable,
         str(HERE / "echo_server.py"),
