@@ -98,6 +98,14 @@ class KServeEchoServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
             raw_output_contents=request.raw_input_contents,
         )
 
+    async def ModelStreamInfer(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[kserve_pb2.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            yield kserve_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
+
 
 async def serve(
     port: int, inputs: list[inference_pb2.TensorSpec], max_message_mb: int, max_pending: int | None

@@ -44,6 +44,10 @@ from sluice.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 METHODS = {"sluice": "/sluice.v1.Inference/Predict", "kserve": "/inference.GRPCInferenceService/ModelInfer"}
+STREAMS = {
+    "sluice": "/sluice.v1.Inference/StreamPredict",
+    "kserve": "/inference.GRPCInferenceService/ModelStreamInfer",
+}
 MESSAGES: dict[str, tuple[Any, Any]] = {
     "sluice": (inference_pb2.PredictRequest, inference_pb2.PredictResponse),
     "kserve": (kserve_pb2.ModelInferRequest, kserve_pb2.ModelInferResponse),
@@ -86,6 +90,7 @@ class WorkerPlan:
     request_bytes: bytes
     protocol: str
     raw: bool
+    stream: bool
     concurrency: int
     rate: float
     max_in_flight: int
@@ -280,6 +285,72 @@ async def call(
         recorder.record(started, None)
 
 
+def _stream_answer_id(protocol: str) -> Any:
+    """Parses a stream answer into (id, failed): answers come back in any order, matched by id."""
+    if protocol == "kserve":
+
+        def kserve(data: bytes) -> tuple[str, bool]:
+            answer = kserve_pb2.ModelStreamInferResponse.FromString(data)
+            return answer.infer_response.id, bool(answer.error_message)
+
+        return kserve
+
+    def sluice(data: bytes) -> tuple[str, bool]:
+        answer = inference_pb2.StreamPredictResponse.FromString(data)
+        return answer.id, answer.code != 0
+
+    return sluice
+
+
+async def stream_loop(
+    channel: grpc.aio.Channel, plan: WorkerPlan, in_flight: int, end: float, recorder: Recorder
+) -> None:
+    """One stream with `in_flight` messages always outstanding, until `end` or the request budget.
+
+    Each message is the pre-serialized request with its own id appended: protobuf keeps the last value of a
+    field, so the concatenation is the same request under a new id, for the cost of a few bytes.
+    """
+    open_stream = channel.stream_stream(
+        STREAMS[plan.protocol], response_deserializer=_stream_answer_id(plan.protocol)
+    )
+    call = open_stream()
+    kind = kserve_pb2.ModelInferRequest if plan.protocol == "kserve" else inference_pb2.PredictRequest
+    sent_at: dict[str, float] = {}
+    slots = asyncio.Semaphore(in_flight)
+    budget = plan.requests if plan.requests is not None else math.inf
+    count = 0
+
+    async def write() -> None:
+        nonlocal count
+        while count < budget:
+            await slots.acquire()
+            now = time.perf_counter()
+            if now >= end:
+                break
+            key = f"{plan.index}-{count}"
+            count += 1
+            sent_at[key] = now
+            await call.write(plan.request_bytes + kind(id=key).SerializeToString())
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    try:
+        async for key, failed in call:
+            started = sent_at.pop(key, None)
+            if started is not None:
+                recorder.record(started, "STREAM_ANSWER_ERROR" if failed else None)
+            slots.release()
+    except grpc.aio.AioRpcError as err:
+        for started in sent_at.values():
+            recorder.record(started, err.code().name)
+        sent_at.clear()
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    for started in sent_at.values():  # sent, never answered: counted, not lost
+        recorder.record(started, "NO_ANSWER")
+
+
 async def run_worker(plan: WorkerPlan, ready: Any, go: Any, progress: Any) -> WorkerResult:
     path = METHODS[plan.protocol]
     channels = [grpc.aio.insecure_channel(plan.target) for _ in range(plan.channels)]
@@ -320,7 +391,15 @@ async def run_worker(plan: WorkerPlan, ready: Any, go: Any, progress: Any) -> Wo
 
     marker = asyncio.create_task(mark_window())
 
-    if plan.rate <= 0:
+    if plan.stream:
+        await asyncio.gather(
+            *(
+                stream_loop(channels[i], plan, share, end, recorder)
+                for i, share in enumerate(split(plan.concurrency, len(channels)))
+                if share
+            )
+        )
+    elif plan.rate <= 0:
 
         async def closed_loop(stub: Any) -> None:
             nonlocal sent
@@ -430,6 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             request_bytes=request.SerializeToString(),
             protocol=args.protocol,
             raw=args.client == "raw",
+            stream=args.stream,
             concurrency=max(1, concurrency[i]),
             rate=args.rate / processes if args.rate else 0.0,
             max_in_flight=max(1, args.max_in_flight // processes),
@@ -536,6 +616,7 @@ def summarize(
         "mode": "open" if args.rate else "closed",
         "protocol": args.protocol,
         "client": args.client,
+        "stream": args.stream,
         "concurrency": None if args.rate else args.concurrency,
         "rate": args.rate or None,
         "processes": args.processes,
@@ -577,7 +658,8 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(
         f"target {report['target']}  model {report['model']}  {report['protocol']} ({report['client']} "
-        f"client)  {load}  processes {report['processes']}"
+        f"client{', one stream per channel' if report['stream'] else ''})  {load}  "
+        f"processes {report['processes']}"
     )
     print(f"  window         {report['window_s']:.2f} s, {report['requests_ok']} ok")
     print(
@@ -634,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-in-flight", type=int, default=10_000, help="open loop: cap on outstanding calls"
     )
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="closed loop over one stream per channel (StreamPredict or ModelStreamInfer): --concurrency "
+        "messages in flight in all, instead of that many unary calls",
+    )  # fmt: skip
     parser.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     parser.add_argument("--channels", type=int, default=1, help="grpc.aio channels per process")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds (after warmup)")
@@ -658,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = 10.0
     if args.concurrency < 1 or args.processes < 1 or args.channels < 1 or args.rows < 1 or args.rate < 0:
         parser.error("--concurrency, --processes, --channels and --rows must be >= 1; --rate must be >= 0")
+    if args.stream and args.rate:
+        parser.error("--stream is a closed loop: use --concurrency, not --rate")
     if not args.rate and args.concurrency < args.processes:
         parser.error("--concurrency must be at least --processes")
     report = run(args)
