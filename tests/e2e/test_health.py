@@ -53,6 +53,7 @@ async def test_broken_models_fail_alone_with_their_reason(repo: Path) -> None:
     (repo / "not_onnx" / "1" / "model.onnx").write_bytes(b"\x00garbage")
     (repo / "empty").mkdir()
     save(add_model(1.0), repo / "half" / "1" / "model.onnx")
+    (repo / "half" / "config.toml").write_text('versions = "all"\n')
     (repo / "half" / "2").mkdir()
     (repo / "half" / "2" / "model.onnx").write_bytes(b"broken")
     server = await _serve(repo)

@@ -252,6 +252,14 @@ async def model_health(stub: pb_grpc.InferenceStub, name: str = "adder") -> pb.M
     return (await stub.Health(pb.HealthRequest(model=name))).models[0]
 
 
+async def _pinned(stub: pb_grpc.InferenceStub, version: int) -> str:
+    try:
+        await stub.Predict(request("adder", version=version, x=X))
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return "OK"
+
+
 async def test_new_models_and_versions_load_and_removed_ones_unload(repo: Path) -> None:
     save(add_model(5.0), repo / "other" / "1" / "model.onnx")
     async with controlled(repo, "poll", poll_interval_s=POLL) as (_, channel):
@@ -263,8 +271,8 @@ async def test_new_models_and_versions_load_and_removed_ones_unload(repo: Path) 
 
         save(add_model(2.0), repo / "adder" / "2" / "model.onnx")
         await until(lambda: _is(stub, 2.0), "the new version answers requests that pin none")
-        pinned = await stub.Predict(request("adder", version=1, x=X))
-        assert outputs(pinned)["y"][0, 0] == 1.0  # every version found is served ("all", the default)
+        # Only the highest version is served by default (`versions = { latest = 1 }`, as Triton does).
+        assert await _pinned(stub, 1) == "NOT_FOUND"
 
         shutil.rmtree(repo / "adder" / "2")
         await until(lambda: _is(stub, 1.0), "the removed version no longer answers")
@@ -340,6 +348,7 @@ async def _is(stub: pb_grpc.InferenceStub, expected: float | str) -> bool:
 async def test_metrics_show_each_versions_state(repo: Path) -> None:
     for version in (1, 2):
         save(add_model(float(version)), repo / "adder" / str(version) / "model.onnx")
+    (repo / "adder" / "config.toml").write_text('versions = "all"\n')
     (repo / "broken").mkdir()
     async with controlled(repo, metrics_port=0) as (server, channel):
         kserve = kpb_grpc.GRPCInferenceServiceStub(channel)

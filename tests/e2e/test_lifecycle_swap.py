@@ -1,9 +1,7 @@
 """Versions swapped under load: 64 callers in closed loop on `digits` while versions 1 -> 2 -> 3 -> 2 -> 1 ...
 are loaded and unloaded about once a second. Every call is counted by id and final status.
 
-The issue asks for 20 s of this. On the two shared cores the suite runs on, that is most of the suite's
-budget for one property that a few swaps already exercise, so it runs SWAP_SECONDS (5 s: five swaps, each
-version loaded and unloaded at least once) by default; SLUICE_SWAP_SECONDS=20 runs the full length.
+It runs SWAP_SECONDS (20 s, about twenty swaps; SLUICE_SWAP_SECONDS sets another length).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from support import outputs, request, save
 
 CALLERS = 64
 SWAP_EVERY = 1.0
-SWAP_SECONDS = float(os.environ.get("SLUICE_SWAP_SECONDS", "5"))
+SWAP_SECONDS = float(os.environ.get("SLUICE_SWAP_SECONDS", "20"))
 SEQUENCE = (2, 3, 2, 1)
 """What each swap loads, in turn, starting from version 1: 1 -> 2 -> 3 -> 2 -> 1 -> 2 ..."""
 

@@ -30,6 +30,7 @@ TRITON_PYTHON = KSERVE_DIR / ".venv" / "bin" / "python"
 async def test_tritonclient_loads_and_unloads_models(repo: Path) -> None:
     save(add_model(1.0), repo / "add" / "1" / "model.onnx")
     save(add_model(2.0), repo / "add" / "2" / "model.onnx")
+    (repo / "add" / "config.toml").write_text('versions = "all"\n')
     server = SluiceServer(
         ServerSettings(model_repository=repo, port=0, metrics_port=-1, model_control="explicit")
     )

@@ -239,7 +239,9 @@ async def test_a_fixed_sequence_length_sets_max_length_and_int32_ids(repo: Path)
 
 
 async def test_the_version_directory_tokenizer_comes_before_the_models(repo: Path) -> None:
-    model = add_model(repo, "layered", 'preprocess = [{ name = "tokenize" }]\n', tokenizer=False)
+    model = add_model(
+        repo, "layered", 'versions = "all"\npreprocess = [{ name = "tokenize" }]\n', tokenizer=False
+    )
     save(token_model(), model / "2" / "model.onnx")
     make_tokenizer(model / "tokenizer.json")  # shared: version 1 has none of its own
     make_tokenizer(model / "2" / "tokenizer.json", [*WORDS[:4], "dog", "cat"])  # dog = 4, cat = 5

@@ -159,7 +159,7 @@ async def test_third_party_runtime_serves_without_a_model_file(plugin_channel: g
 
 
 async def test_runtime_versions_read_their_own_files(repo: Path) -> None:
-    path = add(repo, "poly", '[runtime]\nname = "polynomial"\ndatatype = "FP64"\n')
+    path = add(repo, "poly", 'versions = "all"\n[runtime]\nname = "polynomial"\ndatatype = "FP64"\n')
     (path / "1" / "coefficients.json").write_text("[0, 1]")  # y = x
     (path / "2").mkdir()
     (path / "2" / "coefficients.json").write_text("[0, 0, 1]")  # y = x^2

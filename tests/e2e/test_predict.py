@@ -97,6 +97,7 @@ async def _serve(repo: Path, **kw: object) -> SluiceServer:
 async def test_version_pinning(repo: Path) -> None:
     save(add_model(1.0), repo / "adder" / "1" / "model.onnx")
     save(add_model(2.0), repo / "adder" / "2" / "model.onnx")
+    (repo / "adder" / "config.toml").write_text('versions = "all"\n')
     server = await _serve(repo)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

@@ -90,6 +90,7 @@ def _repository(repo: Path) -> Path:
     """add (y = x + 1, FP32 [-1, 4]), echo (STRING [-1, 2]), pair (a + b, and ids), blob (BYTES [-1])."""
     save(add_model(1.0), repo / "add" / "1" / "model.onnx")
     save(add_model(2.0), repo / "add" / "2" / "model.onnx")
+    (repo / "add" / "config.toml").write_text('versions = "all"\n')
     save(strings_model(), repo / "echo" / "1" / "model.onnx")
     save(two_inputs_model(), repo / "pair" / "1" / "model.onnx")
     (repo / "blob" / "1").mkdir(parents=True)

@@ -231,6 +231,11 @@ class Batcher:
             tasks.append(self._dispatcher)
         if tasks:
             await asyncio.wait(tasks)
+            for task in tasks:
+                # Reading a cancelled task's outcome lets go of its CancelledError, whose traceback would
+                # otherwise keep this batcher (and the model behind it) alive on CPython 3.11.
+                with contextlib.suppress(asyncio.CancelledError):
+                    task.exception()
 
     # -- admission -------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from sluice.clients.client import Client, ClientOptions, SluiceError
 from sluice.clients.codec import numpy_dtype
+from sluice.clients.forms import file_bytes
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from sluice.v1 import inference_pb2 as pb
@@ -34,7 +35,10 @@ def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-FORMS = "NAME=FILE.npy, NAME=JSON, NAME=@FILE.json or NAME=@FILE (its bytes)"
+FORMS = (
+    "NAME=FILE.npy, NAME=JSON, NAME=@FILE.json, NAME=@FILE (its bytes), or Cluster Serving's "
+    'NAME={"path": FILE} or NAME={"b64": TEXT} (one BYTES element)'
+)
 
 
 def add_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -57,7 +61,8 @@ def add_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument(
         "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy|JSON|@FILE",
         help="an input: a .npy file (cast to the model's type when the cast is exact), a JSON array (cast "
-        "to the model's type), @FILE.json, or @FILE sent as one BYTES element (an image, say) (repeatable)",
+        "to the model's type), @FILE.json, or @FILE sent as one BYTES element (an image, say), as are "
+        'Cluster Serving\'s {"path": FILE} and {"b64": TEXT} (repeatable)',
     )  # fmt: skip
     p.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="outputs to return")
     p.add_argument("--version", type=int, default=None, help="model version (default: the highest ready)")
@@ -172,6 +177,10 @@ def _parse_input(text: str, specs: dict[str, pb.TensorSpec]) -> tuple[str, npt.N
             f"{where}: not valid JSON ({reason}); expected a JSON array such as [[0, 3]], or a file: "
             f"{name}=FILE.npy, {name}=@FILE.json or {name}=@FILE"
         ) from None
+    if isinstance(data, dict) and set(data) in ({"path"}, {"b64"}):
+        # Cluster Serving's file forms: one BYTES element, as NAME=@FILE sends.
+        rank = len(spec.shape) if spec is not None else 1
+        return name, np.array([file_bytes(name, data)], dtype=object).reshape((1,) * max(rank, 1))
     return name, _json_array(data, f"--input {name}", dtype, spec)
 
 

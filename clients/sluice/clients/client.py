@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy.typing as npt
 
-from sluice.clients.codec import to_array, to_tensor
+from sluice.clients.codec import to_array
+from sluice.clients.forms import Input, input_tensor, instances, is_instances
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 
@@ -110,16 +111,17 @@ class StreamResult:
 
 def build_request(
     model: str,
-    inputs: Mapping[str, npt.ArrayLike],
+    inputs: Mapping[str, Input],
     *,
     version: int | None = None,
     outputs: Iterable[str] = (),
     priority: int | None = None,
     request_id: str = "",
 ) -> pb.PredictRequest:
-    """The wire request for one prediction."""
+    """The wire request for one prediction; inputs take every form of `sluice.clients.forms` (arrays,
+    strings, {"path"}/{"b64"} files, scipy.sparse matrices, [indices, values, shape])."""
     request = pb.PredictRequest(
-        model=model, id=request_id, inputs=[to_tensor(name, value) for name, value in inputs.items()]
+        model=model, id=request_id, inputs=[input_tensor(name, value) for name, value in inputs.items()]
     )
     if version is not None:
         request.version = version
@@ -127,6 +129,29 @@ def build_request(
     if priority is not None:
         request.parameters["priority"].int64_value = priority
     return request
+
+
+def _merged(
+    inputs: Mapping[str, Input] | str | None,
+    named: Mapping[str, Input],
+    status: pb.ModelStatus | None = None,
+    version: int | None = None,
+) -> dict[str, Input]:
+    """Positional and keyword inputs as one mapping; Cluster Serving's {"instances": [...]} (a dict or its
+    JSON text) becomes one row per instance, its numbers cast to the model's types (from `status`)."""
+    if inputs is not None and is_instances(inputs):
+        types: dict[str, int] = {}
+        if status is not None:
+            for served in status.versions:
+                if version is None or served.version == version:
+                    types = {spec.name: spec.datatype for spec in served.inputs}
+                    break
+        return {**instances(inputs, types), **named}
+    if isinstance(inputs, str):
+        raise TypeError(
+            'inputs: a str must be the JSON text of {"instances": [...]}; pass arrays as name=array'
+        )
+    return {**(inputs or {}), **named}
 
 
 def read_outputs(response: pb.PredictResponse) -> Outputs:
@@ -225,22 +250,28 @@ class Client:
     def predict(
         self,
         model: str,
-        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        inputs: Mapping[str, Input] | str | None = None,
         /,
         *,
         version: int | None = None,
         outputs: Iterable[str] = (),
         priority: int | None = None,
         timeout: float | None = None,
-        **named: npt.ArrayLike,
+        **named: Input,
     ) -> Outputs:
         """Runs `model` on inputs (numpy arrays, rows first) and returns its outputs by name.
 
         Inputs come as keywords (`pixels=array`) or, for names that clash with the keywords here, as a
-        mapping in the second argument.
+        mapping in the second argument, which may also be Cluster Serving's {"instances": [{...}, ...]}
+        (a dict or its JSON text). Every form of `sluice.clients.forms` is taken.
         """
+        status = self.metadata(model, timeout=timeout) if is_instances(inputs) else None
         request = build_request(
-            model, {**(inputs or {}), **named}, version=version, outputs=outputs, priority=priority
+            model,
+            _merged(inputs, named, status, version),
+            version=version,
+            outputs=outputs,
+            priority=priority,
         )
         return read_outputs(self._call(self._stub.Predict, request, timeout))
 
@@ -305,22 +336,28 @@ class AsyncClient:
     async def predict(
         self,
         model: str,
-        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        inputs: Mapping[str, Input] | str | None = None,
         /,
         *,
         version: int | None = None,
         outputs: Iterable[str] = (),
         priority: int | None = None,
         timeout: float | None = None,
-        **named: npt.ArrayLike,
+        **named: Input,
     ) -> Outputs:
         """Runs `model` on inputs (numpy arrays, rows first) and returns its outputs by name.
 
         Inputs come as keywords (`pixels=array`) or, for names that clash with the keywords here, as a
-        mapping in the second argument.
+        mapping in the second argument, which may also be Cluster Serving's {"instances": [{...}, ...]}
+        (a dict or its JSON text). Every form of `sluice.clients.forms` is taken.
         """
+        status = await self.metadata(model, timeout=timeout) if is_instances(inputs) else None
         request = build_request(
-            model, {**(inputs or {}), **named}, version=version, outputs=outputs, priority=priority
+            model,
+            _merged(inputs, named, status, version),
+            version=version,
+            outputs=outputs,
+            priority=priority,
         )
         return read_outputs(await self._call(self._stub.Predict, request, timeout))
 

@@ -152,6 +152,10 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     """Loaded and answering requests."""
     MODEL_STATE_FAILED: _ModelState.ValueType  # 3
     """Could not be loaded; `reason` says why. Requests get UNAVAILABLE."""
+    MODEL_STATE_UNLOADING: _ModelState.ValueType  # 4
+    """Being replaced or unloaded: takes no new requests, answers those it holds, then frees its sessions."""
+    MODEL_STATE_UNLOADED: _ModelState.ValueType  # 5
+    """Unloaded on request (or removed from the repository); requests get NOT_FOUND."""
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """State of one model or model version."""
@@ -164,6 +168,10 @@ MODEL_STATE_READY: ModelState.ValueType  # 2
 """Loaded and answering requests."""
 MODEL_STATE_FAILED: ModelState.ValueType  # 3
 """Could not be loaded; `reason` says why. Requests get UNAVAILABLE."""
+MODEL_STATE_UNLOADING: ModelState.ValueType  # 4
+"""Being replaced or unloaded: takes no new requests, answers those it holds, then frees its sessions."""
+MODEL_STATE_UNLOADED: ModelState.ValueType  # 5
+"""Unloaded on request (or removed from the repository); requests get NOT_FOUND."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
@@ -545,10 +553,12 @@ class ModelStatus(_message.Message):
     """Name of the model."""
     state: Global___ModelState.ValueType
     """READY when the version served by default is ready; FAILED when the model's configuration is invalid or
-    no version loaded; LOADING while loading.
+    no version loaded; LOADING while loading; UNLOADED once unloaded.
     """
     reason: _builtins.str
-    """Why the model failed, when `state` is FAILED (for example an invalid config.toml); empty otherwise."""
+    """Why the model failed, when `state` is FAILED (for example an invalid config.toml); when READY, why the
+    last change to it failed while the versions it had kept serving (empty if none did); why it was unloaded.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]:
         """Every version found, highest first."""

@@ -160,9 +160,10 @@ class ModelConfig(_Frozen):
         '(a class of yours), or an installed plugin; options inline: { name = "python", class = "Model" }.',
     )
     versions: VersionPolicy = Field(
-        default="all",
-        description='Versions to serve: "all" version directories found, the highest N ({ latest = N }), '
-        "or a list ([1, 3]); requests that name no version go to the highest ready one.",
+        default=LatestVersions(latest=1),
+        description="Versions to serve: the highest N version directories ({ latest = N }, by default the "
+        'highest one, as Triton does), "all" of them, or a list ([1, 3]); requests that name no version go '
+        "to the highest ready one.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)

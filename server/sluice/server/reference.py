@@ -35,6 +35,8 @@ def _default(field: FieldInfo) -> str:
         return "unset"
     if isinstance(value, PluginRef):
         value = value.name
+    if isinstance(value, BaseModel):  # a table, written as in config.toml: { latest = 1 }
+        value = "{ " + ", ".join(f"{k} = {v}" for k, v in value.model_dump().items()) + " }"
     if isinstance(value, str):
         return f'`"{value}"`'
     return f"`{value}`"

@@ -47,18 +47,15 @@ Control = Literal["none", "explicit", "poll"]
 
 
 class State(enum.IntEnum):
-    """A model version's place in its lifecycle; the first three are sluice.v1's ModelState numbers."""
+    """A model version's place in its lifecycle, numbered as sluice.v1's ModelState."""
 
     LOADING = pb.MODEL_STATE_LOADING
     READY = pb.MODEL_STATE_READY
     FAILED = pb.MODEL_STATE_FAILED
-    UNLOADING = 4
+    UNLOADING = pb.MODEL_STATE_UNLOADING
     """Takes no new requests; answers what it holds, then frees its sessions."""
-    UNLOADED = 5
+    UNLOADED = pb.MODEL_STATE_UNLOADED
 
-
-# sluice.v1's ModelState has no numbers for the last two states yet: Health says them in the reason.
-_V1_STATES = {State.UNLOADING: pb.MODEL_STATE_UNSPECIFIED, State.UNLOADED: pb.MODEL_STATE_UNSPECIFIED}
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 """Files as (path, size, mtime in ns): what a poll compares to tell that something changed."""
@@ -327,7 +324,7 @@ class ModelRepository:
         name, config = context.model, context.config
         model = load_model(context)
         inline = config.execution.inline_max_us
-        runner = _Runner(model, self.thread_hop if inline is None else inline / 1e6)
+        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
         scheduler = make_scheduler(runner, self.metrics.model(name, context.version), self.loop_load)
         try:
             servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)
@@ -366,7 +363,11 @@ class ModelRepository:
             unchanged = (
                 now is not None and not config_changed and now.fingerprint == plan.version_prints[version]
             )
-            if unchanged and now is not None and (now.state == State.READY or not retry):
+            if (
+                unchanged
+                and now is not None
+                and (now.state == State.READY or (now.state == State.FAILED and not retry))
+            ):
                 continue
             builds[version] = path
             if now is None or now.state != State.READY:
@@ -675,8 +676,8 @@ class ModelRepository:
                 if v.servable is not None and v.state == State.READY
                 else pb.ModelVersionStatus(
                     version=v.version,
-                    state=_V1_STATES.get(v.state, v.state),  # type: ignore[arg-type]
-                    reason=v.reason or ("unloading" if v.state == State.UNLOADING else ""),
+                    state=v.state.value,  # type: ignore[arg-type]
+                    reason=v.reason,
                 )
                 for v in entry.versions
                 if v.state != State.UNLOADED
@@ -685,20 +686,8 @@ class ModelRepository:
             reason = entry.failure if state == State.FAILED else entry.warning
             if state == State.UNLOADED:
                 reason = entry.reason or "unloaded"
-            v1_state = _V1_STATES.get(state, state)
-            out.append(pb.ModelStatus(name=entry.name, state=v1_state, reason=reason, versions=versions))  # type: ignore[arg-type]
+            out.append(pb.ModelStatus(name=entry.name, state=state.value, reason=reason, versions=versions))
         return out
-
-
-class _Runner(ModelRunner):
-    """A runner that lets go of its model once closed, so an unloaded version's sessions are freed even while
-    its scheduler lingers: on CPython 3.11 a cancelled task keeps its CancelledError where the garbage
-    collector cannot see it, and that error's traceback holds the batcher's drained dispatcher, and through
-    it this runner, for good."""
-
-    def close(self) -> None:
-        super().close()
-        del self.model
 
 
 def _files(path: Path) -> Fingerprint:

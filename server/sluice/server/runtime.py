@@ -175,7 +175,9 @@ class OnnxModel:
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
-        """Nothing to do: the sessions are freed with the model."""
+        """Lets go of the sessions, so an unloaded version's memory is freed even if something still holds
+        this runtime."""
+        self.sessions = []
 
     def describe(self) -> str:
         inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)
