@@ -78,13 +78,14 @@ def providers_for(choice: str) -> list[str]:
     return [p.strip() for p in choice.split(",") if p.strip()]
 
 
-def make_feeds(session: Any, batch: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
-    """Random inputs: the first dynamic dimension is the batch, other dynamic dimensions are 1."""
+def make_feeds(session: Any, batch: int, seed: int, other: int = 1) -> dict[str, np.ndarray[Any, Any]]:
+    """Random inputs: the first dynamic dimension is the batch, other dynamic dimensions are `other`."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray[Any, Any]] = {}
     for spec in session.get_inputs():
         shape = [
-            batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1) for i, d in enumerate(spec.shape)
+            batch if i == 0 else (d if isinstance(d, int) and d > 0 else other)
+            for i, d in enumerate(spec.shape)
         ]
         np_type = ORT_TYPES.get(spec.type)
         if np_type is None:
@@ -125,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per batch size")
     parser.add_argument("--min-runs", type=int, default=20, help="fewest measured runs per batch size")
     parser.add_argument("--warmup-runs", type=int, default=10, help="unmeasured runs per batch size")
+    parser.add_argument(
+        "--seq", type=int, default=1, help="size of the other dynamic dimensions (MiniLM's sequence length)"
+    )
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="exit 1 unless the first provider asked for is the session's first: no silent CPU fallback",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results to this file")
     args = parser.parse_args(argv)
@@ -139,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=providers_for(args.providers))
+    wanted = providers_for(args.providers)
+    session = ort.InferenceSession(str(model), options, providers=wanted)
     print(f"model {model}  providers {session.get_providers()}  intra-op threads {args.threads or 'default'}")
+    if args.strict and (not wanted or session.get_providers()[0] != wanted[0]):
+        print(f"error: asked for {wanted[0] if wanted else 'nothing'}, got {session.get_providers()}")
+        return 1
 
     rows: list[dict[str, Any]] = []
     print(f"{'batch':>6} {'runs':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'rows/s':>12}")
     for batch in sizes:
-        feeds = make_feeds(session, batch, args.seed)
+        feeds = make_feeds(session, batch, args.seed, args.seq)
         for _ in range(args.warmup_runs):
             session.run(None, feeds)
         lat = np.asarray(measure(session, feeds, args.seconds, args.min_runs))
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(model),
             "providers": session.get_providers(),
             "threads": args.threads,
+            "seq": args.seq,
             "results": rows,
             "best": best,
         }

@@ -14,6 +14,7 @@ Run: ``PYTHONPATH=proto python benchmarks/compare_echo.py --server-cmd "sluice s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -84,6 +85,8 @@ def run_loadgen(port: int, args: argparse.Namespace, extra: list[str]) -> dict[s
             f"--duration={args.duration}",
             f"--warmup={args.warmup}",
             f"--rows={args.rows}",
+            f"--protocol={args.protocol}",
+            f"--client={args.client}",
             f"--json={out}",
             "--no-progress",
             *extra,
@@ -111,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         help="inputs for both targets (passed to loadgen); default: the server's Health, reused for echo",
     )
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument(
+        "--protocol", choices=("sluice", "kserve"), default="sluice",
+        help="sluice.v1 Predict or KServe ModelInfer, on both servers (default: sluice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", choices=("raw", "stub"), default="raw",
+        help="loadgen's client: raw (pre-serialized bytes, the default for ratios: it leaves the most CPU to "
+        "the servers) or stub (the generated stubs)",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per round and target")
@@ -121,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write all rounds and the ratio to this file")
     args = parser.parse_args(argv)
 
-    env_note = "" if "PYTHONPATH" in os.environ else " (set PYTHONPATH=proto if sluice is not installed)"
+    installed = "PYTHONPATH" in os.environ or importlib.util.find_spec("sluice.v1") is not None
+    env_note = "" if installed else " (set PYTHONPATH=proto: sluice is not installed)"
     echo_cmd = [
         sys.executable,
         str(HERE / "echo_server.py"),
@@ -164,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     median = statistics.median(r["ratio"] for r in rounds)
-    print(f"server/echo requests/s at concurrency {args.concurrency}: median ratio {median:.2f}{env_note}")
+    low, high = min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)
+    print(
+        f"server/echo requests/s, {args.protocol} ({args.client} client), concurrency {args.concurrency}: "
+        f"median ratio {median:.2f} (range {low:.2f}-{high:.2f}){env_note}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
     return 0

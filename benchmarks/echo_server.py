@@ -1,4 +1,4 @@
-"""A bare grpc.aio server for the Sluice service whose Predict echoes its inputs back.
+"""A bare grpc.aio server whose Predict (sluice.v1) and ModelInfer (KServe) echo their inputs back.
 
 It is the yardstick for the real server: the same transport, the same messages, no model, no batching. The
 ratio "Sluice requests/s : echo requests/s" at one concurrency says how much of the gRPC ceiling the server
@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from sluice.kserve.v2 import grpc_service_pb2 as kserve_pb2
+from sluice.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 DATA_TYPES = {
@@ -78,6 +80,33 @@ class EchoServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.HealthResponse(state=inference_pb2.SERVING_STATE_SERVING, models=[model])
 
 
+class KServeEchoServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer answers with the request's tensors as outputs, raw contents included."""
+
+    async def ModelInfer(  # noqa: N802
+        self, request: kserve_pb2.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> kserve_pb2.ModelInferResponse:
+        outputs = [
+            kserve_pb2.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in request.inputs
+        ]
+        return kserve_pb2.ModelInferResponse(
+            model_name=request.model_name,
+            model_version="1",
+            id=request.id,
+            outputs=outputs,
+            raw_output_contents=request.raw_input_contents,
+        )
+
+    async def ModelStreamInfer(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[kserve_pb2.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            yield kserve_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
+
+
 async def serve(
     port: int, inputs: list[inference_pb2.TensorSpec], max_message_mb: int, max_pending: int | None
 ) -> None:
@@ -94,6 +123,7 @@ async def serve(
         ]
     server = grpc.aio.server(options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(EchoServicer(inputs), server)
+    kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeEchoServicer(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening on 127.0.0.1:{bound}", flush=True)

@@ -7,6 +7,12 @@ process tops out well below what a server can take. Reports requests/s, rows/s, 
 status code, the client's own CPU cost per request and, with ``--metrics-url``, the batch sizes the server
 actually formed (from its ``sluice_batch_rows`` histogram).
 
+Calls speak ``--protocol sluice`` (``sluice.v1`` Predict) or ``kserve`` (``ModelInfer`` on the same port). By
+default (``--client raw``) each call sends the request serialized once, over a generic unary-unary call with
+identity serializers, and does not parse the answer: the cheapest client Python has, so the client takes as
+little as it can of the CPU it shares with the server. ``--client stub`` uses the generated stubs instead
+(serialize and parse on every call), as a typical Python caller would.
+
 Run: ``PYTHONPATH=proto python benchmarks/loadgen.py --target 127.0.0.1:PORT --model digits --concurrency 8``
 """
 
@@ -34,7 +40,18 @@ from typing import Any
 import grpc
 import numpy as np
 
+from sluice.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from sluice.v1 import inference_pb2, inference_pb2_grpc
+
+METHODS = {"sluice": "/sluice.v1.Inference/Predict", "kserve": "/inference.GRPCInferenceService/ModelInfer"}
+STREAMS = {
+    "sluice": "/sluice.v1.Inference/StreamPredict",
+    "kserve": "/inference.GRPCInferenceService/ModelStreamInfer",
+}
+MESSAGES: dict[str, tuple[Any, Any]] = {
+    "sluice": (inference_pb2.PredictRequest, inference_pb2.PredictResponse),
+    "kserve": (kserve_pb2.ModelInferRequest, kserve_pb2.ModelInferResponse),
+}
 
 NUMPY_TYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
@@ -71,6 +88,9 @@ class WorkerPlan:
     target: str
     model: str
     request_bytes: bytes
+    protocol: str
+    raw: bool
+    stream: bool
     concurrency: int
     rate: float
     max_in_flight: int
@@ -136,10 +156,13 @@ def specs_from_health(target: str, model: str, timeout_s: float) -> list[InputSp
     raise SystemExit(f"error: Health of {target} lists no ready version of {model!r} with inputs")
 
 
-def make_request(model: str, specs: list[InputSpec], rows: int, seed: int) -> inference_pb2.PredictRequest:
+def make_request(
+    model: str, specs: list[InputSpec], rows: int, seed: int, protocol: str = "sluice"
+) -> inference_pb2.PredictRequest | kserve_pb2.ModelInferRequest:
     """Build the one request every call reuses; dynamic dimensions become ``rows`` (batch) or 1."""
     rng = np.random.default_rng(seed)
     tensors = []
+    kserve = kserve_pb2.ModelInferRequest(model_name=model)
     for spec in specs:
         shape = [rows if i == 0 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
         np_type = NUMPY_TYPES[spec.dtype]
@@ -150,14 +173,19 @@ def make_request(model: str, specs: list[InputSpec], rows: int, seed: int) -> in
             array = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
             array = rng.integers(0, 16, size=shape).astype(np_type)
+        raw = array.astype(array.dtype.newbyteorder("<")).tobytes(order="C")
+        kserve.inputs.add(name=spec.name, datatype=spec.dtype, shape=shape)
+        kserve.raw_input_contents.append(raw)
         tensors.append(
             inference_pb2.Tensor(
                 name=spec.name,
                 datatype=inference_pb2.DataType.Value(f"DATA_TYPE_{spec.dtype}"),
                 shape=shape,
-                raw_contents=array.astype(array.dtype.newbyteorder("<")).tobytes(order="C"),
+                raw_contents=raw,
             )
         )
+    if protocol == "kserve":
+        return kserve
     return inference_pb2.PredictRequest(model=model, inputs=tensors)
 
 
@@ -241,14 +269,14 @@ class Recorder:
 
 
 async def call(
-    stub: inference_pb2_grpc.InferenceAsyncStub,
-    request: inference_pb2.PredictRequest,
+    method: Any,
+    request: Any,
     timeout_s: float,
     started: float,
     recorder: Recorder,
 ) -> None:
     try:
-        await stub.Predict(request, timeout=timeout_s)
+        await method(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as err:
         recorder.record(started, err.code().name)
     except Exception as err:  # a client-side failure still has to be counted, not crash the worker
@@ -257,10 +285,89 @@ async def call(
         recorder.record(started, None)
 
 
+def _stream_answer_id(protocol: str) -> Any:
+    """Parses a stream answer into (id, failed): answers come back in any order, matched by id."""
+    if protocol == "kserve":
+
+        def kserve(data: bytes) -> tuple[str, bool]:
+            answer = kserve_pb2.ModelStreamInferResponse.FromString(data)
+            return answer.infer_response.id, bool(answer.error_message)
+
+        return kserve
+
+    def sluice(data: bytes) -> tuple[str, bool]:
+        answer = inference_pb2.StreamPredictResponse.FromString(data)
+        return answer.id, answer.code != 0
+
+    return sluice
+
+
+async def stream_loop(
+    channel: grpc.aio.Channel, plan: WorkerPlan, in_flight: int, end: float, recorder: Recorder
+) -> None:
+    """One stream with `in_flight` messages always outstanding, until `end` or the request budget.
+
+    Each message is the pre-serialized request with its own id appended: protobuf keeps the last value of a
+    field, so the concatenation is the same request under a new id, for the cost of a few bytes.
+    """
+    open_stream = channel.stream_stream(
+        STREAMS[plan.protocol], response_deserializer=_stream_answer_id(plan.protocol)
+    )
+    call = open_stream()
+    kind = kserve_pb2.ModelInferRequest if plan.protocol == "kserve" else inference_pb2.PredictRequest
+    sent_at: dict[str, float] = {}
+    slots = asyncio.Semaphore(in_flight)
+    budget = plan.requests if plan.requests is not None else math.inf
+    count = 0
+
+    async def write() -> None:
+        nonlocal count
+        while count < budget:
+            await slots.acquire()
+            now = time.perf_counter()
+            if now >= end:
+                break
+            key = f"{plan.index}-{count}"
+            count += 1
+            sent_at[key] = now
+            await call.write(plan.request_bytes + kind(id=key).SerializeToString())
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    try:
+        async for key, failed in call:
+            started = sent_at.pop(key, None)
+            if started is not None:
+                recorder.record(started, "STREAM_ANSWER_ERROR" if failed else None)
+            slots.release()
+    except grpc.aio.AioRpcError as err:
+        for started in sent_at.values():
+            recorder.record(started, err.code().name)
+        sent_at.clear()
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    for started in sent_at.values():  # sent, never answered: counted, not lost
+        recorder.record(started, "NO_ANSWER")
+
+
 async def run_worker(plan: WorkerPlan, ready: Any, go: Any, progress: Any) -> WorkerResult:
-    request = inference_pb2.PredictRequest.FromString(plan.request_bytes)
+    path = METHODS[plan.protocol]
     channels = [grpc.aio.insecure_channel(plan.target) for _ in range(plan.channels)]
-    stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in channels]
+    request: Any
+    if plan.raw:
+        # No serializers: gRPC sends the bytes as they are and hands back the answer's bytes unparsed.
+        request = plan.request_bytes
+        stubs = [ch.unary_unary(path) for ch in channels]
+    else:
+        message, answer = MESSAGES[plan.protocol]
+        request = message.FromString(plan.request_bytes)
+        stubs = [
+            ch.unary_unary(
+                path, request_serializer=message.SerializeToString, response_deserializer=answer.FromString
+            )
+            for ch in channels
+        ]
     for channel in channels:
         await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
     # Everyone connects before anyone sends, so the processes start the load together.
@@ -284,9 +391,17 @@ async def run_worker(plan: WorkerPlan, ready: Any, go: Any, progress: Any) -> Wo
 
     marker = asyncio.create_task(mark_window())
 
-    if plan.rate <= 0:
+    if plan.stream:
+        await asyncio.gather(
+            *(
+                stream_loop(channels[i], plan, share, end, recorder)
+                for i, share in enumerate(split(plan.concurrency, len(channels)))
+                if share
+            )
+        )
+    elif plan.rate <= 0:
 
-        async def closed_loop(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+        async def closed_loop(stub: Any) -> None:
             nonlocal sent
             while sent < budget:
                 now = time.perf_counter()
@@ -382,7 +497,7 @@ def percentile(sorted_ms: np.ndarray[Any, Any], q: float) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole load test and return the report (also what ``--json`` writes)."""
     specs = args.input_shape or specs_from_health(args.target, args.model, args.timeout)
-    request = make_request(args.model, specs, args.rows, args.seed)
+    request = make_request(args.model, specs, args.rows, args.seed, args.protocol)
     processes = args.processes
     concurrency = split(args.concurrency, processes)
     requests = split(args.requests, processes) if args.requests is not None else [None] * processes
@@ -392,6 +507,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             target=args.target,
             model=args.model,
             request_bytes=request.SerializeToString(),
+            protocol=args.protocol,
+            raw=args.client == "raw",
+            stream=args.stream,
             concurrency=max(1, concurrency[i]),
             rate=args.rate / processes if args.rate else 0.0,
             max_in_flight=max(1, args.max_in_flight // processes),
@@ -479,7 +597,7 @@ def _progress(args: argparse.Namespace, total: int | None) -> Any:
 def summarize(
     args: argparse.Namespace,
     specs: list[InputSpec],
-    request: inference_pb2.PredictRequest,
+    request: inference_pb2.PredictRequest | kserve_pb2.ModelInferRequest,
     results: list[dict[str, Any]],
     batches: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -496,6 +614,9 @@ def summarize(
         "target": args.target,
         "model": args.model,
         "mode": "open" if args.rate else "closed",
+        "protocol": args.protocol,
+        "client": args.client,
+        "stream": args.stream,
         "concurrency": None if args.rate else args.concurrency,
         "rate": args.rate or None,
         "processes": args.processes,
@@ -535,7 +656,11 @@ def print_report(report: dict[str, Any]) -> None:
         if report["mode"] == "open"
         else f"closed loop, concurrency {report['concurrency']}"
     )
-    print(f"target {report['target']}  model {report['model']}  {load}  processes {report['processes']}")
+    print(
+        f"target {report['target']}  model {report['model']}  {report['protocol']} ({report['client']} "
+        f"client{', one stream per channel' if report['stream'] else ''})  {load}  "
+        f"processes {report['processes']}"
+    )
     print(f"  window         {report['window_s']:.2f} s, {report['requests_ok']} ok")
     print(
         f"  throughput     {_fmt(report['requests_per_s'], ',.0f')} req/s, "
@@ -574,6 +699,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="input to send, e.g. pixels:FP32:1x64 (repeatable); default: read from the server's Health",
     )
     parser.add_argument("--rows", type=int, default=1, help="rows per request (the batch dimension)")
+    parser.add_argument(
+        "--protocol", choices=sorted(METHODS), default="sluice",
+        help="sluice: sluice.v1 Predict; kserve: ModelInfer of the Open Inference Protocol (default: sluice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", choices=("raw", "stub"), default="raw",
+        help="raw: the request serialized once, answers not parsed (the cheapest client; the default); "
+        "stub: the generated stub serializes and parses every call",
+    )  # fmt: skip
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (total)")
     load.add_argument(
@@ -582,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-in-flight", type=int, default=10_000, help="open loop: cap on outstanding calls"
     )
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="closed loop over one stream per channel (StreamPredict or ModelStreamInfer): --concurrency "
+        "messages in flight in all, instead of that many unary calls",
+    )  # fmt: skip
     parser.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     parser.add_argument("--channels", type=int, default=1, help="grpc.aio channels per process")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds (after warmup)")
@@ -606,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = 10.0
     if args.concurrency < 1 or args.processes < 1 or args.channels < 1 or args.rows < 1 or args.rate < 0:
         parser.error("--concurrency, --processes, --channels and --rows must be >= 1; --rate must be >= 0")
+    if args.stream and args.rate:
+        parser.error("--stream is a closed loop: use --concurrency, not --rate")
     if not args.rate and args.concurrency < args.processes:
         parser.error("--concurrency must be at least --processes")
     report = run(args)

@@ -12,6 +12,7 @@ FP32 [-1, 3], and ids INT64 [-1] passed through).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -152,6 +153,28 @@ def statistics(client: triton.InferenceServerClient) -> dict[str, Any]:
     }
 
 
+def statistics_load(client: triton.InferenceServerClient) -> dict[str, Any]:
+    """A known load, then the statistics, on tests/e2e/test_statistics.py's repository: `add` (adaptive)
+    gets one caller's requests of 1, 2, 3 and 3 rows and one of the wrong shape; `pack` (fixed window,
+    batches of 4) gets groups of concurrent requests that fill exactly one batch each; `plain` (no batch
+    dimension) gets two requests."""
+    for rows in (1, 2, 3, 3):
+        client.infer("add", [_input("x", np.ones((rows, 4), np.float32), "FP32")])
+    with contextlib.suppress(InferenceServerException):
+        client.infer("add", [_input("x", np.ones((1, 3), np.float32), "FP32")])
+    answers: queue.Queue[Any] = queue.Queue()
+    for group in ((1, 1, 1, 1), (2, 2), (3, 1), (4,)):
+        for rows in group:
+            x = np.ones((rows, 4), np.float32)
+            client.async_infer("pack", [_input("x", x, "FP32")], lambda result, error: answers.put(error))
+        # The next group starts once this one's batch has answered: each fills exactly one batch.
+        failures = [answers.get(timeout=30) for _ in group]
+        assert failures == [None] * len(group), failures
+    for _ in range(2):
+        client.infer("plain", [_input("x", np.ones((1, 4), np.float32), "FP32")])
+    return {name: client.get_inference_statistics(name, as_json=True) for name in ("add", "pack", "plain")}
+
+
 def control(client: triton.InferenceServerClient) -> dict[str, Any]:
     """Triton's model control against a server with model_control = explicit, on tests/e2e/
     test_lifecycle_triton.py's repository: `add` with versions 1 (y = x + 1) and 2 (y = x + 2)."""
@@ -191,7 +214,8 @@ def control(client: triton.InferenceServerClient) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[triton.InferenceServerClient], dict[str, Any]]] = {
-    f.__name__: f for f in (wire, metadata, config, infer, stream, errors, statistics, control)
+    f.__name__: f
+    for f in (wire, metadata, config, infer, stream, errors, statistics, statistics_load, control)
 }
 
 

@@ -30,7 +30,7 @@ from sluice.batcher.errors import (
     OutputMismatchError,
     QueueFullError,
 )
-from sluice.batcher.observer import BatchObserver, NullObserver
+from sluice.batcher.observer import BatchObserver, NullObserver, RunObserver, RunTimes
 from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
 from sluice.batcher.policy import Estimates, LoadModel, make_policy
 from sluice.batcher.sparse import CooArray
@@ -59,6 +59,8 @@ class Batcher:
         self._config = config
         self._name = name
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
+        # Checked once here, so a batcher without one pays nothing per request for it.
+        self._timed: RunObserver | None = observer if isinstance(observer, RunObserver) else None
         self._load = LoadModel()
         self._policy = make_policy(config, self._load, pressure)
         self._pad = config.pad
@@ -131,12 +133,17 @@ class Batcher:
         item = self._admit(inputs, priority, deadline)
         try:
             if deadline is None:
-                return await self._answer(item)
-            async with asyncio.timeout(deadline - time.monotonic()):
-                return await self._answer(item)
+                result = await self._answer(item)
+            else:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    result = await self._answer(item)
+            if self._timed is not None and item.ran is not None:
+                self._timed.on_answer(item.rows, item.ran.started - item.arrival, item.ran)
+            return result
         except TimeoutError:
             future = item.future
             if future.done() and not future.cancelled() and future.exception() is None:
+                self._answered(item)
                 return future.result()  # answered in the same instant the deadline fired: keep the answer
             queued = self._abandon(item, "deadline") or item.state == DROPPED
             where = "in the queue" if queued else "while its batch ran (the result is discarded)"
@@ -159,6 +166,11 @@ class Batcher:
             if not self._abandon(item, "cancelled") and item.future.done() and not item.future.cancelled():
                 item.future.exception()  # answered as the caller left: mark it read, or asyncio logs it
             raise
+
+    def _answered(self, item: Pending) -> None:
+        timed, ran = self._timed, item.ran
+        if timed is not None and ran is not None:
+            timed.on_answer(item.rows, ran.started - item.arrival, ran)
 
     async def _answer(self, item: Pending) -> dict[str, Array]:
         queue = self._queue
@@ -510,14 +522,15 @@ class Batcher:
         Returns what went wrong, if anything, and the run's seconds. An OutputMismatchError has already
         failed every member; any other error is not yet told to them, so that they can be re-run.
         """
-        start = time.monotonic()
+        began = start = time.monotonic()
         try:
             inputs = batch.inputs(self._pad)
             start = time.monotonic()
             outputs = await self._run(instance, inputs)
         except Exception as exc:
             return exc, time.monotonic() - start
-        run_time = time.monotonic() - start
+        ended = time.monotonic()
+        run_time = ended - start
         problem = batch.mismatch(outputs, self._crop)
         if problem is not None:
             message = f"model '{self._name}': {problem}"
@@ -525,6 +538,12 @@ class Batcher:
             return OutputMismatchError(message, model=self._name), run_time
         batch.deliver(outputs, self._crop)
         self._load.on_run(batch.rows, run_time)
+        timed = self._timed
+        if timed is not None:
+            times = RunTimes(batch.rows, began, start - began, run_time, time.monotonic() - ended)
+            for member in batch.members:
+                member.ran = times
+            timed.on_run(times)
         return None, run_time
 
     async def _isolate(self, batch: Batch, instance: int, error: Exception) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import numpy.typing as npt
 
+from sluice.batcher.observer import RunTimes
+
 Array = npt.NDArray[Any]
 Arrays = Mapping[str, Array]
 GroupKey = tuple[tuple[str, str, tuple[int | None, ...]], ...]
@@ -47,6 +49,8 @@ class Pending:
     """Padded dim name -> this request's length on it."""
     future: asyncio.Future[dict[str, Array]]
     state: int = QUEUED
+    ran: RunTimes | None = None
+    """The run that answered it, for a RunObserver."""
 
 
 class _Group:

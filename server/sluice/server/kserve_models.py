@@ -1,8 +1,8 @@
 """What the KServe v2 and Triton RPCs say about a model: metadata, configuration, statistics, index.
 
 Everything is read from what Sluice already keeps: the servable's signature, the model's config.toml, and
-the metrics the batcher and the servicers record. Statistics are per model version, as Sluice
-measures them; `docs/kserve.md` lists which figures are estimates.
+the metrics the batcher and the servicers record. Statistics are per model version and exact; `docs/kserve.md`
+says what each step of a request's time covers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
 from sluice.server.config import LatestVersions
 from sluice.server.kserve_tensors import tensor_metadata, triton_type
-from sluice.server.metrics import Histogram, Metrics
+from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
 from sluice.server.repository import ModelEntry, State
@@ -90,57 +90,48 @@ def _dims(spec: TensorSpec, batches: bool) -> tuple[int, ...]:
 def statistics(
     servable: Servable, version: str, metrics: Metrics, last_inference_ms: int
 ) -> kpb.ModelStatistics:
-    """Cumulative statistics of one model version from Sluice's metrics.
+    """Cumulative statistics of one model version, exact: every figure is summed as it happens.
 
-    Request counts, queue waits, batch sizes and run times are measured; the success/fail split of the
-    time spent and the per-request compute time are estimated from them (see docs/kserve.md).
+    Each request answered OK counts once in success, queue, compute_input, compute_infer and
+    compute_output, with its own times; each batch size's runs count once per run (see docs/kserve.md).
     """
-    name, label = servable.name, str(servable.version)
-    ok = failed = 0
-    for (model, answered_by, _method, code), count in list(metrics.requests.items()):
-        if model == name and answered_by == label:
-            if code == "OK":
-                ok += count
-            else:
-                failed += count
-    seconds = sum(
-        h.sum
-        for (model, answered_by, _), h in list(metrics.latency.items())
-        if (model, answered_by) == (name, label)
-    )
-    answered = ok + failed
-    stats = kpb.ModelStatistics(name=name, version=version, last_inference=last_inference_ms)
-    infer = stats.inference_stats
-    infer.success.CopyFrom(_duration(ok, seconds * ok / answered if answered else 0.0))
-    infer.fail.CopyFrom(_duration(failed, seconds * failed / answered if answered else 0.0))
-    measured = metrics.models.get((name, servable.version))
-    runs = 0 if measured is None else _count(measured.batch_rows)
-    if measured is None or runs == 0:
-        # No batch was observed: the model does not batch (each request is one run) or has not run yet.
-        stats.inference_count = stats.execution_count = ok
+    stats = kpb.ModelStatistics(name=servable.name, version=version, last_inference=last_inference_ms)
+    outcome = metrics.outcomes.get((servable.name, str(servable.version)))
+    if outcome is None:
         return stats
-    stats.inference_count = round(measured.batch_rows.sum)
-    stats.execution_count = runs
-    queued = _count(measured.queue_wait)
-    infer.queue.CopyFrom(_duration(queued, measured.queue_wait.sum))
-    # Every request of a batch waits for the batch's whole run: the run time times requests per batch.
-    per_batch = measured.batch_requests.sum / max(1, _count(measured.batch_requests))
-    infer.compute_infer.CopyFrom(_duration(queued, measured.run_time.sum * per_batch))
-    mean_run = measured.run_time.sum / max(1, _count(measured.run_time))
-    # Batch sizes are known to a power of two (the histogram's buckets): each is reported at its bound.
-    largest = servable.model.max_batch_size
-    bounds = (*measured.batch_rows.bounds, float(largest))
-    for bound, count in zip(bounds, measured.batch_rows.counts, strict=True):
-        if count:
-            size = min(int(bound), largest)
-            stats.batch_stats.append(
-                kpb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, mean_run * count))
+    infer = stats.inference_stats
+    ok = outcome.ok
+    infer.success.CopyFrom(_duration(ok, outcome.ok_s))
+    infer.fail.CopyFrom(_duration(outcome.failed, outcome.failed_s))
+    infer.queue.CopyFrom(_duration(ok, outcome.queue_s))
+    infer.compute_input.CopyFrom(_duration(ok, outcome.assemble))
+    infer.compute_infer.CopyFrom(_duration(ok, outcome.run_s))
+    infer.compute_output.CopyFrom(_duration(ok, outcome.split_s))
+    # A request no batcher ran is one run of one inference (a model without a batch dimension).
+    stats.inference_count = outcome.rows + outcome.unbatched
+    measured = metrics.models.get((servable.name, servable.version))
+    runs = {} if measured is None else dict(measured.runs)
+    stats.execution_count = outcome.unbatched + sum(size.count for size in runs.values())
+    if outcome.unbatched:
+        stats.batch_stats.append(
+            kpb.InferBatchStatistics(
+                batch_size=1,
+                compute_input=_duration(outcome.unbatched, 0.0),
+                compute_infer=_duration(outcome.unbatched, 0.0),
+                compute_output=_duration(outcome.unbatched, 0.0),
             )
+        )
+    for rows in sorted(runs):
+        size = runs[rows]
+        stats.batch_stats.append(
+            kpb.InferBatchStatistics(
+                batch_size=rows,
+                compute_input=_duration(size.count, size.assemble),
+                compute_infer=_duration(size.count, size.run),
+                compute_output=_duration(size.count, size.split),
+            )
+        )
     return stats
-
-
-def _count(histogram: Histogram) -> int:
-    return sum(histogram.counts)
 
 
 def _duration(count: int, seconds: float) -> kpb.StatisticDuration:

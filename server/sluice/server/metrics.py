@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from sluice.batcher.observer import RunTimes
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -26,6 +29,10 @@ REJECT_REASONS = ("queue_full", "too_large", "closed")
 DROP_REASONS = ("deadline", "cancelled", "shutdown")
 # The label of requests for a model the server does not have: one fixed series, never the caller's name.
 UNKNOWN_MODEL = "_unknown"
+
+# The run that answered the current request (rows, seconds queued, the run), set in the caller's task when
+# the batcher hands it its rows and read when the request is counted: only then is its outcome known.
+_ANSWERED: ContextVar[tuple[int, float, RunTimes] | None] = ContextVar("sluice_answered", default=None)
 
 
 class Histogram:
@@ -62,6 +69,30 @@ class Gauged(Protocol):
     def busy(self) -> int: ...
 
 
+class Outcomes:
+    """One model version's requests as Triton's statistics count them: each OK request once in success,
+    queue and the three compute steps, with its own times; the rest once in fail."""
+
+    __slots__ = (
+        "assemble", "failed", "failed_s", "ok", "ok_s", "queue_s", "rows", "run_s", "split_s", "unbatched",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.ok = self.failed = self.rows = self.unbatched = 0
+        """`unbatched`: OK requests that no batcher run answered (a model without a batch dimension)."""
+        self.ok_s = self.failed_s = self.queue_s = self.assemble = self.run_s = self.split_s = 0.0
+
+
+class BatchTimes:
+    """The runs of one batch size: their count and each step's total seconds."""
+
+    __slots__ = ("assemble", "count", "run", "split")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.assemble = self.run = self.split = 0.0
+
+
 class ModelMetrics:
     """Everything measured about one model; its observer methods are what the batcher calls."""
 
@@ -74,6 +105,8 @@ class ModelMetrics:
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.batch_errors = 0
         self.schedulers: list[Gauged] = []  # every loaded version's; read when scraped
+        self.runs: dict[int, BatchTimes] = {}
+        """Runs that answered their members, by rows."""
 
     # The BatchObserver protocol of sluice.batcher.
 
@@ -100,6 +133,25 @@ class ModelMetrics:
         if error is not None:
             self.batch_errors += 1
 
+    # Its RunObserver protocol: what exact statistics need.
+
+    def on_run(self, times: RunTimes) -> None:
+        size = self.runs.get(times.rows)
+        if size is None:
+            size = self.runs[times.rows] = BatchTimes()
+        size.count += 1
+        size.assemble += times.assemble
+        size.run += times.run
+        size.split += times.split
+
+    def on_answer(self, rows: int, queued_for: float, times: RunTimes) -> None:
+        _ANSWERED.set((rows, queued_for, times))
+
+    @property
+    def executions(self) -> int:
+        """Runs that answered their members."""
+        return sum(size.count for size in self.runs.values())
+
 
 class Metrics(Collector):
     """All of a server's metrics, registered in a registry of its own."""
@@ -110,6 +162,9 @@ class Metrics(Collector):
         self.requests: dict[tuple[str, str, str, str], int] = {}
         """(model, version, method, code): calls answered; version "" when no version was resolved."""
         self.latency: dict[tuple[str, str, str], Histogram] = {}
+        self.outcomes: dict[tuple[str, str], Outcomes] = {}
+        """(model, version): what ModelStatistics reports."""
+        self._outcome_of: dict[tuple[str, str, str], Outcomes] = {}  # by latency's key: one lookup less
         self.overload: dict[str, int] = {"max_inflight": 0, "max_streams": 0}
         self.model_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
         """Every model version as (model, version, state), read when scraped (the repository sets it)."""
@@ -135,7 +190,27 @@ class Metrics(Collector):
         latency = self.latency.get(timed)
         if latency is None:
             latency = self.latency[timed] = Histogram(LATENCY_BUCKETS)
+            self._outcome_of[timed] = self.outcomes.setdefault((model, version), Outcomes())
         latency.observe(seconds)
+        answered = _ANSWERED.get()
+        if answered is not None:
+            _ANSWERED.set(None)  # one request's run, counted once whatever the request's fate
+        outcome = self._outcome_of[timed]
+        if code != "OK":
+            outcome.failed += 1
+            outcome.failed_s += seconds
+            return
+        outcome.ok += 1
+        outcome.ok_s += seconds
+        if answered is None:
+            outcome.unbatched += 1
+            return
+        rows, queued_for, times = answered
+        outcome.rows += rows
+        outcome.queue_s += queued_for
+        outcome.assemble += times.assemble
+        outcome.run_s += times.run
+        outcome.split_s += times.split
 
     def count_overload(self, limit: str) -> None:
         """Counts one call or stream refused because the server was at `limit`."""

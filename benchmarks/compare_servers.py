@@ -1,0 +1,81 @@
+"""Two servers under the same load, alternating round by round: the ratio of B to A, before against after.
+
+Both run at once on free loopback ports, so drift (thermal, neighbours) hits both alike; each round runs
+`loadgen.py` against one then the other, the order alternating. Typical use: A is main, B is a branch, each
+started from its own source tree:
+
+    python benchmarks/compare_servers.py \\
+        --a-cmd "env PYTHONPATH=/tmp/main/proto:/tmp/main/batcher:/tmp/main/server .venv/bin/python \\
+                 -c 'import sys; from sluice.server.cli import main; sys.exit(main())' serve --port 0" \\
+        --b-cmd ".venv/bin/sluice serve --port 0" --concurrency 64 --processes 2 --rounds 6
+
+Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from compare_echo import run_loadgen, started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--a-cmd", required=True, help="command line of server A (before)")
+    parser.add_argument("--b-cmd", required=True, help="command line of server B (after)")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:TYPE:DIMS")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--protocol", choices=("sluice", "kserve"), default="sluice")
+    parser.add_argument("--client", choices=("raw", "stub"), default="raw")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    rounds: list[dict[str, Any]] = []
+    shapes = [f"--input-shape={s}" for s in args.input_shape]
+    with (
+        started(shlex.split(args.a_cmd), None, args.startup_timeout, False) as a_port,
+        started(shlex.split(args.b_cmd), None, args.startup_timeout, False) as b_port,
+    ):
+        for index in range(args.rounds):
+            order = [("a", a_port), ("b", b_port)]
+            if index % 2:
+                order.reverse()
+            result = {name: run_loadgen(port, args, shapes) for name, port in order}
+            ratio = result["b"]["requests_per_s"] / result["a"]["requests_per_s"]
+            rounds.append({**result, "ratio": ratio})
+            print(
+                f"round {index + 1}: A {result['a']['requests_per_s']:,.0f} req/s "
+                f"(p50 {result['a']['latency_ms']['p50']:.2f} ms, errors {result['a']['errors'] or 0}), "
+                f"B {result['b']['requests_per_s']:,.0f} req/s "
+                f"(p50 {result['b']['latency_ms']['p50']:.2f} ms, errors {result['b']['errors'] or 0}), "
+                f"B/A {ratio:.2f}",
+                flush=True,
+            )
+    ratios = [r["ratio"] for r in rounds]
+    median = statistics.median(ratios)
+    print(
+        f"B/A requests/s at concurrency {args.concurrency}: median {median:.2f} "
+        f"(range {min(ratios):.2f}-{max(ratios):.2f})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
