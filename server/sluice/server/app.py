@@ -138,11 +138,19 @@ class SluiceServer:
             else:
                 self._server.add_secure_port(unix, credentials)
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            except OSError as exc:
+                exc.setting = "metrics_port"  # type: ignore[attr-defined]  # says which port, for the CLI
+                raise
         await self._server.start()
         if self.settings.http_port >= 0:
             self._rest = rest.RestServer(rest.ServerAdapter(kserve_service), self.settings)
-            self.http_port = await self._rest.start(self.settings.host, self.settings.http_port)
+            try:
+                self.http_port = await self._rest.start(self.settings.host, self.settings.http_port)
+            except OSError as exc:
+                exc.setting = "http_port"  # type: ignore[attr-defined]
+                raise
         log.info(
             "serving repository=%s grpc=%s%s metrics=%s",
             self.repository.root,
@@ -206,11 +214,13 @@ class SluiceServer:
                         plane.inflight)  # fmt: skip
         servables = self.repository.servables()
         await asyncio.gather(*(s.scheduler.drain(max(0.0, deadline - time.monotonic())) for s in servables))
-        plane.cut_streams()
         await plane.idle(1.0)  # the calls the batchers just failed send their UNAVAILABLE
-        # Calls gRPC has received but not yet handed over would end CANCELLED when it stops: refuse until
-        # callers have gone quiet (at most until the grace period is over).
+        # Calls gRPC has received but not yet handed over would end CANCELLED when it stops, and a stream
+        # ended while its client still writes reaches it as INTERNAL: refuse (streams in-band) until
+        # callers have gone quiet, at most until the grace period is over; only then end the streams.
         await plane.quiet(QUIET_S, max(deadline, time.monotonic() + QUIET_S))
+        plane.cut_streams()
+        await plane.idle(1.0)
         if self._server is not None:
             # Every handler has returned: the grace here only lets the last answers leave.
             await self._server.stop(1.0)
@@ -221,13 +231,25 @@ class SluiceServer:
         self.metrics.close()
         log.info("stopped")
 
+    async def _close_ports(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+        if self._rest is not None:
+            await self._rest.stop()
+        self.metrics.close()
+
     async def serve(self) -> None:
         """Runs until SIGTERM or SIGINT, then stops gracefully."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # A port that would not bind, say: close what did start, inside the loop it belongs to.
+            await self._close_ports()
+            raise
         # For scripts that start the server on port 0: the one line on stdout says where it listens.
         print(f"listening on {self.address}", flush=True)
         if self.metrics_port is not None:

@@ -123,7 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            where = _port_taken("metrics_port", settings.metrics_host, settings.metrics_port)
+            setting = getattr(exc, "setting", "metrics_port")
+            host = settings.metrics_host if setting == "metrics_port" else settings.host
+            where = _port_taken(setting, host, getattr(settings, setting))
             print(f"sluice serve: {where}", file=sys.stderr)
             return 2
         print(f"sluice serve: {exc}", file=sys.stderr)
@@ -149,12 +151,14 @@ def preflight(settings: ServerSettings) -> None:
         )
     _check_port("port", settings.host, settings.port)
     _check_port("metrics_port", settings.metrics_host, settings.metrics_port)
+    _check_port("http_port", settings.host, settings.http_port)
 
 
 def _port_taken(setting: str, host: str, port: int) -> str:
     fix = {
         "port": "--port (SLUICE_PORT; 0 picks a free one)",
         "metrics_port": "--metrics-port (SLUICE_METRICS_PORT; 0 picks a free one, -1 turns metrics off)",
+        "http_port": "--http-port (SLUICE_HTTP_PORT; 0 picks a free one, -1 turns the REST port off)",
     }[setting]
     return (
         f"{setting}={port}: {host}:{port} is already in use; stop what listens there or choose another "
@@ -165,7 +169,7 @@ def _port_taken(setting: str, host: str, port: int) -> str:
 def _check_port(setting: str, host: str, port: int) -> None:
     if port <= 0:  # 0 picks a free port, -1 turns the endpoint off: nothing can clash
         return
-    host_setting = "host" if setting == "port" else "metrics_host"
+    host_setting = "metrics_host" if setting == "metrics_port" else "host"
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
