@@ -111,34 +111,32 @@ def unary(
         return response, Code.OK, "", model
 
     async def handle(data: bytes, context: Context) -> Response | _Empty:
-        if len(data) < LARGE:
-            return await handle_one(data, context)
-        memory.large_request()
-        try:
-            return await handle_one(data, context)
-        finally:
-            memory.large_request()
-
-    async def handle_one(data: bytes, context: Context) -> Response | _Empty:
         started = time.monotonic()
+        large = len(data) >= LARGE
+        if large:
+            memory.large_request()
         try:
-            plane.enter()
-        except SluiceError as exc:
-            code, message, model = exc.code, exc.message, ""
-        else:
             try:
-                response, code, message, model = await attempt(data, context, started)
-            finally:
-                plane.leave()
-            if response is not None:
-                plane.count(model, method, Code.OK, started)
-                return response
-        plane.count(model, method, code, started)
-        # The status is set, not raised (context.abort): an exception would keep this call's frames, and
-        # with them its request, alive for as long as gRPC holds on to it.
-        context.set_code(GRPC_CODES[code])
-        context.set_details(message)
-        return EMPTY
+                plane.enter()
+            except SluiceError as exc:
+                code, message, model = exc.code, exc.message, ""
+            else:
+                try:
+                    response, code, message, model = await attempt(data, context, started)
+                finally:
+                    plane.leave()
+                if response is not None:
+                    plane.count(model, method, Code.OK, started)
+                    return response
+            plane.count(model, method, code, started)
+            # The status is set, not raised (context.abort): an exception would keep this call's frames,
+            # and with them its request, alive for as long as gRPC holds on to it.
+            context.set_code(GRPC_CODES[code])
+            context.set_details(message)
+            return EMPTY
+        finally:
+            if large:
+                memory.large_request()
 
     return grpc.unary_unary_rpc_method_handler(handle, response_serializer=serialize)
 
@@ -166,13 +164,14 @@ def stream(
         deadline = _deadline(context, time.monotonic())
 
         async def one(data: bytes) -> Response:
-            if len(data) < LARGE:
-                return await answer_one(data)
-            memory.large_request()
+            large = len(data) >= LARGE
+            if large:
+                memory.large_request()
             try:
                 return await answer_one(data)
             finally:
-                memory.large_request()
+                if large:
+                    memory.large_request()
 
         async def answer_one(data: bytes) -> Response:
             # Parsed before admission: even a refused message's answer must carry its id.
