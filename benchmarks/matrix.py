@@ -90,7 +90,19 @@ def _wait_ready(port: int, timeout: float = 120.0) -> None:
 def serving(repo: Path, sluice: str) -> Iterator[tuple[int, int]]:
     """Starts `sluice serve` on free ports; yields (grpc port, metrics port)."""
     proc = subprocess.Popen(
-        [sluice, "serve", str(repo), "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"],
+        [
+            sluice,
+            "serve",
+            str(repo),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -51,7 +51,7 @@ async def _cost(server: SluiceServer, request: pb.PredictRequest, callers: int, 
 
 async def main_async(args: argparse.Namespace) -> int:
     repo = args.model.resolve().parent
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1))
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
     await server.start()
     await server.loaded()
     servable = server.repository.resolve(args.model.name, None)

@@ -76,7 +76,7 @@ def read_proc(pid: int) -> tuple[float, int, int]:
 def start_server(repo: Path | None, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`sluice serve` on port 0 (metrics off); returns the process and the address it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env.update({"SLUICE_PORT": "0", "SLUICE_METRICS_PORT": "-1"})
+    env.update({"SLUICE_PORT": "0", "SLUICE_METRICS_PORT": "-1", "SLUICE_HTTP_PORT": "-1"})
     command = [sys.executable, "-m", "sluice.server.cli", "serve", *([str(repo)] if repo else [])]
     with open(log, "wb") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=env)
