@@ -6,7 +6,8 @@ started from its own source tree:
 
     python benchmarks/compare_servers.py \\
         --a-cmd "env PYTHONPATH=/tmp/main/proto:/tmp/main/batcher:/tmp/main/server .venv/bin/python \\
-                 -c 'import sys; from sluice.server.cli import main; sys.exit(main())' serve --port 0 --http-port -1" \\
+                 -c 'import sys; from sluice.server.cli import main; sys.exit(main())' \\
+                 serve --port 0 --http-port -1" \\
         --b-cmd ".venv/bin/sluice serve --port 0 --http-port -1" --concurrency 64 --processes 2 --rounds 6
 
 Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does).
