@@ -1,6 +1,7 @@
 """The released artefact: the wheel `python -m build` makes installs into a fresh venv, under its own name,
-and `sluice serve` from that venv serves the bundled models. The Dockerfiles under deploy/ install it the
-same way.
+and `sluice serve` from that venv serves the bundled models. The Dockerfiles under deploy/docker/ install it
+the same way: this machine cannot pull their base images, so the test runs their install step here (the
+same wheel path and extras), and checks what else they promise (a non-root user, the server's ports).
 
 The fresh venv gets no registry: its dependencies are those already installed in the test's environment,
 made visible through a .pth file, without this checkout's editable install (its .pth, its metadata and
@@ -11,6 +12,7 @@ requirements against what is there, and the server can only import the `sluice` 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.clients.codec import to_array, to_tensor
+from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import ROOT
@@ -31,6 +34,18 @@ from support import ROOT
 DISTRIBUTION = "sluice-serving"
 # What the checkout's own install adds to site-packages; the fresh venv must not see it.
 CHECKOUT_ENTRIES = ("sluice", "_sluice_serving.pth", "sluice_serving-", "sluice_example_plugins")
+DOCKERFILES = [ROOT / "deploy" / "docker" / name for name in ("Dockerfile", "Dockerfile.cuda")]
+# The Dockerfiles' install step: the wheel found by its file name, with extras.
+INSTALL = re.compile(
+    r'wheel=\$\(echo /dist/(\S+)\)\s*\\\n\s*&& pip install --no-cache-dir "\$\{wheel\}(\[[\w,]+\])"'
+)
+
+
+def install_step(dockerfile: Path) -> tuple[str, str]:
+    """The wheel file pattern and the extras that a Dockerfile installs."""
+    match = INSTALL.search(dockerfile.read_text(encoding="utf-8"))
+    assert match is not None, f"{dockerfile.name}: no wheel install step"
+    return match.group(1), match.group(2)
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> str:
@@ -61,9 +76,11 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = env / "bin" / "python"
     fresh_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
     (fresh_site / "dependencies.pth").write_text(f"{deps}\n")
+    pattern, extras = install_step(DOCKERFILES[0])
+    (found,) = wheel.parent.glob(pattern)
     run(
         sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-index",
-        "--find-links", wheel.parent, f"{DISTRIBUTION}[image,text]",
+        f"{found}{extras}",
     )  # fmt: skip
     return env
 
@@ -121,3 +138,21 @@ async def test_sluice_serve_from_the_wheel_answers_a_predict(venv: Path, tmp_pat
             proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_images_install_the_wheel_and_run_as_a_user_on_the_servers_ports(dockerfile: Path) -> None:
+    text = dockerfile.read_text(encoding="utf-8")
+    assert install_step(dockerfile) == install_step(DOCKERFILES[0]), "both images install the same way"
+    assert "python -m build --wheel --outdir /dist" in text
+    (user,) = re.findall(r"^USER (\S+)$", text, re.M)
+    uid = user.split(":")[0]
+    assert uid.isdigit(), "numeric, so that runAsNonRoot can check it"
+    assert int(uid) != 0
+    assert text.rstrip().endswith('ENTRYPOINT ["sluice"]\nCMD ["serve", "/models"]')
+    defaults = {name: f.default for name, f in ServerSettings.model_fields.items()}
+    (exposed,) = re.findall(r"^EXPOSE (.+)$", text, re.M)
+    assert sorted(int(p) for p in exposed.split()) == sorted(
+        defaults[name] for name in ("port", "http_port", "metrics_port")
+    )
+    assert "SLUICE_HOST=0.0.0.0" in text
