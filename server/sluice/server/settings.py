@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -109,6 +109,11 @@ class ServerSettings(BaseSettings):
         default=0,
         ge=0,
         description="Total ONNX Runtime intra-op threads shared by all sessions; 0 means one per CPU core.",
+    )
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1,
+        description="Server processes sharing the gRPC port (SO_REUSEPORT, Linux only), each with its own "
+        "models and an equal share of inference_threads, restarted when one dies; auto: one per CPU core.",
     )
     reflection: bool = Field(
         default=True,
