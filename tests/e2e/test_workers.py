@@ -187,3 +187,15 @@ def test_settings_workers_cannot_share_are_refused() -> None:
     zero = serve("--workers", "0")
     assert zero.returncode == 2
     assert "workers" in zero.stderr
+
+
+async def test_workers_serve_with_metrics_off(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    repo.mkdir()
+    add_digits(repo)
+    with workers(repo, tmp_path / "server.log", -1) as server:
+        rows = np.zeros((1, 64), dtype=np.float32)
+        statuses = await predict_on_fresh_connections(server.address, "digits", rows, 4)
+        assert statuses == ["OK"] * 4
+        server.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.wait, 30) == 0

@@ -108,6 +108,8 @@ class Worker:
     pipe: Connection | None = None
     """The supervisor's end of the pipe to the worker: held open while the worker runs."""
     metrics_port: int | None = None
+    bound: bool = False
+    """It has bound its ports and said so (its metrics port is None when metrics are off)."""
     restarts: int = 0
     spawned: float = 0.0
     """When its process was started (time.monotonic())."""
@@ -186,6 +188,7 @@ class Supervisor:
         worker.process = process
         worker.pipe = receive
         worker.metrics_port = None
+        worker.bound = False
         worker.spawned = time.monotonic()
 
     def _reported(self, worker: Worker) -> None:
@@ -193,6 +196,7 @@ class Supervisor:
         assert worker.process is not None
         try:
             worker.metrics_port = worker.pipe.recv()
+            worker.bound = True
         except EOFError:
             return  # it died before binding: its sentinel says so next
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
@@ -242,8 +246,8 @@ class Supervisor:
     def _started(self) -> bool:
         """Waits until every worker has bound its ports; False if one dies or hangs first, or on a signal."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._signalled() and any(w.metrics_port is None for w in self.workers):
-            waiting = {w.pipe: w for w in self.workers if w.metrics_port is None and w.pipe is not None}
+        while not self._signalled() and any(not w.bound for w in self.workers):
+            waiting = {w.pipe: w for w in self.workers if not w.bound and w.pipe is not None}
             sentinels = {w.process.sentinel: w for w in waiting.values() if w.process is not None}
             ready = wait([*waiting, *sentinels, self._wake_read], max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -254,7 +258,7 @@ class Supervisor:
                     self._reported(waiting[item])
             for item in ready:
                 worker = sentinels.get(item) if isinstance(item, int) else None
-                if worker is not None and worker.metrics_port is None:
+                if worker is not None and not worker.bound:
                     log.error("worker %d failed to start (status %s): stopping", worker.index,
                               worker.process.exitcode if worker.process else None)  # fmt: skip
                     return False
@@ -264,7 +268,7 @@ class Supervisor:
         """Restarts workers that die until a signal comes; False when one keeps dying or hangs starting."""
         while not self._signalled():
             sentinels = {w.process.sentinel: w for w in self.workers if w.process is not None}
-            pending = {w.pipe: w for w in self.workers if w.metrics_port is None and w.pipe is not None}
+            pending = {w.pipe: w for w in self.workers if not w.bound and w.pipe is not None}
             ready = wait([*sentinels, *pending, self._wake_read], 1.0 if pending else None)
             if self._signalled():
                 break
@@ -273,7 +277,7 @@ class Supervisor:
                     self._reported(pending[item])
             now = time.monotonic()
             for worker in pending.values():
-                if worker.metrics_port is None and now - worker.spawned > START_TIMEOUT_S:
+                if not worker.bound and now - worker.spawned > START_TIMEOUT_S:
                     log.error("worker %d did not bind its ports within %.0fs: stopping", worker.index,
                               START_TIMEOUT_S)  # fmt: skip
                     return False
