@@ -219,8 +219,9 @@ class Supervisor:
             for worker in self.workers:
                 self._spawn(worker)
             if not self._started():
-                self._stop_all()
-                return 1
+                status = self._stop_all()
+                # Stopped by a signal while starting is a clean stop, as for a single process.
+                return status if self._signalled() else 1
             metrics_port = None
             if self.settings.metrics_port >= 0:
                 registry = CollectorRegistry(auto_describe=False)
