@@ -89,9 +89,9 @@ class SluiceServer:
     async def start(self, *, load_first: bool = False) -> None:
         """Binds the ports and starts loading models; Health answers STARTING until loading ends.
 
-        With `load_first`, the ports are bound only once every model has loaded: a worker restarted next to
-        others that already serve must not take connections (the kernel hands it new ones at once) before
-        it can answer them."""
+        With `load_first`, the ports are bound only once every model has loaded: a worker of
+        `--workers N` must not take connections (the kernel hands it new ones at once) before it can
+        answer them."""
         self.repository.scan()
         limit = self.settings.max_message_bytes
         # gRPC itself refuses messages over twice the limit; between the two, the servicer answers with a

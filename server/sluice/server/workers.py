@@ -40,8 +40,8 @@ from sluice.server.settings import ServerSettings
 
 log = logging.getLogger("sluice.server.workers")
 
-START_TIMEOUT_S = 120.0
-"""How long a worker may take to bind its ports (a restarted one loads its models first)."""
+START_TIMEOUT_S = 300.0
+"""How long a worker may take to load its models and bind its ports."""
 RESTARTS_PER_MINUTE = 5
 """More restarts of one worker within a minute mean it cannot run: the server stops instead of looping."""
 EXIT_MARGIN_S = 5.0
@@ -74,7 +74,7 @@ def worker_settings(settings: ServerSettings, workers: int, index: int, port: in
     )
 
 
-def _worker_main(settings: ServerSettings, index: int, report: Connection, load_first: bool) -> None:
+def _worker_main(settings: ServerSettings, index: int, report: Connection) -> None:
     """A worker process: one server that sends its metrics port back, then serves until a signal."""
     from sluice.server.app import SluiceServer, configure_logging
     from sluice.server.cli import run
@@ -87,7 +87,7 @@ def _worker_main(settings: ServerSettings, index: int, report: Connection, load_
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         server = SluiceServer(settings, reuse_port=True)
-        await server.start(load_first=load_first)
+        await server.start(load_first=True)
         report.send(server.metrics_port)
         # The supervisor never writes again: the pipe turns readable (at its end) only when the supervisor
         # is gone, killed or crashed. A worker left alone drains instead of serving unsupervised.
@@ -171,16 +171,15 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         """Starts the worker's process; it reports its metrics port on its pipe once its ports are bound.
-        Every worker but the first, and every restarted one, loads its models before it binds: the kernel
-        hands a bound worker new connections at once, and those must find models ready."""
+        Every worker loads its models before it binds: the kernel hands a bound worker new connections at
+        once, and those must find models ready, not one worker ready and the next still loading."""
         if worker.pipe is not None:
             worker.pipe.close()
         receive, send = self.context.Pipe()
         settings = worker_settings(self.settings, len(self.workers), worker.index, self.port)
-        load_first = worker.index > 0 or worker.restarts > 0
         process = self.context.Process(
             target=_worker_main,
-            args=(settings, worker.index, send, load_first),
+            args=(settings, worker.index, send),
             name=f"sluice-worker-{worker.index}",
         )
         process.start()
