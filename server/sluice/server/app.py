@@ -45,8 +45,10 @@ def bundled_repository() -> Path:
 class SluiceServer:
     """One Sluice server: start it, await `loaded()`, and `stop()` it (or `serve()` until a signal)."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
+        """Share the gRPC port with the other workers of `sluice serve --workers N` (SO_REUSEPORT)."""
         self.metrics = Metrics()
         root = settings.model_repository or bundled_repository()
         self.repository = ModelRepository(
@@ -84,8 +86,12 @@ class SluiceServer:
             host = "127.0.0.1"
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
-    async def start(self) -> None:
-        """Binds the ports and starts loading models; Health answers STARTING until loading ends."""
+    async def start(self, *, load_first: bool = False) -> None:
+        """Binds the ports and starts loading models; Health answers STARTING until loading ends.
+
+        With `load_first`, the ports are bound only once every model has loaded: a worker of
+        `--workers N` must not take connections (the kernel hands it new ones at once) before it can
+        answer them."""
         self.repository.scan()
         limit = self.settings.max_message_bytes
         # gRPC itself refuses messages over twice the limit; between the two, the servicer answers with a
@@ -96,7 +102,9 @@ class SluiceServer:
             options=[
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Off unless several workers share the port on purpose: a second server started by mistake
+                # on a taken port must fail to bind, not take half of its connections.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 # Calls one connection may have open: a client queues the rest, so a connection that
                 # never reads its answers pins a bounded amount of memory.
                 ("grpc.max_concurrent_streams", self.settings.max_streams_per_connection),
@@ -122,6 +130,9 @@ class SluiceServer:
                 reflection.SERVICE_NAME,
             )
             reflection.enable_server_reflection(names, self._server)
+        if load_first:
+            self._loading = asyncio.create_task(self._load())
+            await asyncio.shield(self._loading)
         host = self.settings.host
         bind = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
@@ -160,7 +171,8 @@ class SluiceServer:
             if self.metrics_port
             else "off",
         )
-        self._loading = asyncio.create_task(self._load())
+        if self._loading is None:
+            self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
         await self.repository.load()

@@ -44,7 +44,7 @@ def _help(text: str) -> str:
 _METAVARS = {
     "host": "ADDR", "metrics_host": "ADDR", "port": "PORT", "metrics_port": "PORT", "unix_socket": "PATH",
     "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM", "auth_token": "TOKEN",
-    "max_message_bytes": "BYTES",
+    "max_message_bytes": "BYTES", "workers": "N|auto",
 }  # fmt: skip
 
 
@@ -102,8 +102,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     from sluice.server.app import SluiceServer, configure_logging
+    from sluice.server.workers import worker_count
 
     configure_logging(settings.log_level, settings.log_format)
+    if worker_count(settings) > 1:
+        from sluice.server import workers
+
+        return workers.serve(settings)
     server = SluiceServer(settings)
     try:
         run(server.serve(), settings.event_loop)
@@ -143,6 +148,11 @@ def preflight(settings: ServerSettings) -> None:
             "(<repository>/<model>/<version>/model.onnx), or leave it out to serve the bundled examples"
         )
     _check_tls(settings)
+    if settings.unix_socket and settings.workers != 1:
+        raise StartupError(
+            f"unix_socket={settings.unix_socket}: one socket path cannot be shared by several workers; "
+            "serve it with --workers 1, or drop --unix-socket"
+        )
     grpc_port = (settings.host, settings.port)
     if settings.metrics_port > 0 and (settings.metrics_host, settings.metrics_port) == grpc_port:
         raise StartupError(

@@ -51,7 +51,7 @@ class KServeService:
         self.last_inference: dict[str, int] = {}
         """Per model, the wall time in ms of the last request this servicer answered OK."""
         try:
-            self.version = package_metadata.version("sluice")
+            self.version = package_metadata.version("sluice-serving")
         except package_metadata.PackageNotFoundError:
             self.version = "unknown"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -110,6 +110,11 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Total ONNX Runtime intra-op threads shared by all sessions; 0 means one per CPU core.",
     )
+    workers: int | Literal["auto"] = Field(
+        default=1,
+        description="Server processes sharing the gRPC port (SO_REUSEPORT, Linux only), each with its own "
+        "models and an equal share of inference_threads, restarted when one dies; auto: one per CPU core.",
+    )
     reflection: bool = Field(
         default=True,
         description="Serve gRPC server reflection, so grpcurl and similar tools work without the .proto "
@@ -120,6 +125,20 @@ class ServerSettings(BaseSettings):
         description="Event loop: uvloop (a faster loop, about 10% more requests/s here), asyncio, or auto "
         "(uvloop when installed).",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> int | str:
+        # One message for the two forms, rather than one per member of the union.
+        if value == "auto":
+            return "auto"
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = 0
+        if count < 1 or isinstance(value, float | bool):
+            raise ValueError("expected a number of processes (1 or more) or 'auto'")
+        return count
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerSettings:
