@@ -14,6 +14,8 @@ NODE_DEPS := $(if $(NPM),tests/node/node_modules/.installed)
 $(BIN)/.installed: pyproject.toml tests/plugin_package/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# A venv made before the distribution was renamed holds the old editable `sluice` too: drop it.
+	$(BIN)/python -m pip uninstall --quiet -y sluice 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]" ./tests/plugin_package
 	touch $@
 

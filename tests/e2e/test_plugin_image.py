@@ -228,12 +228,12 @@ async def test_missing_pillow_fails_the_model_and_names_the_extra(
         failed = health["pictures"]
         assert failed.state == pb.MODEL_STATE_FAILED
         assert (
-            "preprocess[0] ('image'): the image preprocessor needs Pillow: pip install 'sluice[image]'"
+            "preprocess[0] ('image'): the image preprocessor needs Pillow: pip install 'sluice-serving[image]'"
             in failed.reason
         )
         error = await rpc_error(stub, request("pictures", image=images(b"")))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "pip install 'sluice[image]'" in (error.details() or "")
+        assert "pip install 'sluice-serving[image]'" in (error.details() or "")
 
 
 async def test_bad_options_fail_the_model_with_plugin_field_and_reason(repo: Path) -> None:

@@ -282,7 +282,10 @@ async def test_without_the_tokenizers_package_health_names_the_extra(
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now raises ImportError
     async with serving(repo) as (_, stub):
         reason = await failure(stub, "words")
-        assert "the tokenize preprocessor needs the tokenizers package: pip install 'sluice[text]'" in reason
+        assert (
+            "the tokenize preprocessor needs the tokenizers package: pip install 'sluice-serving[text]'"
+            in reason
+        )
 
 
 # The MiniLM example is about 90 MB and built on demand, so these run only where it has been built.

@@ -11,7 +11,7 @@ model input wants it (NCHW, NHWC, NHW or flat rows)::
     std = [0.229, 0.224, 0.225]
 
 Most options default to what the model input's spec says (its layout, channel count, size and dtype), so a
-config names only what the spec cannot tell. Pillow is the optional extra `sluice[image]`.
+config names only what the spec cannot tell. Pillow is the optional extra `sluice-serving[image]`.
 """
 
 from __future__ import annotations
@@ -177,7 +177,9 @@ class Image:
             from PIL import Image as PILImage
             from PIL import ImageOps
         except ImportError:
-            raise LoadError("the image preprocessor needs Pillow: pip install 'sluice[image]'") from None
+            raise LoadError(
+                "the image preprocessor needs Pillow: pip install 'sluice-serving[image]'"
+            ) from None
         self.options = options
         self._pil = pil = PILImage
         self._ops = ImageOps

@@ -14,7 +14,7 @@ requests of different lengths batch together::
     axis = 1
     dim = "seq"
 
-Needs the `tokenizers` package: `pip install 'sluice[text]'`.
+Needs the `tokenizers` package: `pip install 'sluice-serving[text]'`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Tokenize:
             from tokenizers import Tokenizer
         except ImportError:
             raise LoadError(
-                "the tokenize preprocessor needs the tokenizers package: pip install 'sluice[text]'"
+                "the tokenize preprocessor needs the tokenizers package: pip install 'sluice-serving[text]'"
             ) from None
         self.options = options
         path = _find(options.tokenizer, context)
