@@ -266,6 +266,8 @@ class SluiceServer:
         print(f"listening on {self.address}", flush=True)
         if self.metrics_port is not None:
             print(f"metrics on http://{self.settings.metrics_host}:{self.metrics_port}/metrics", flush=True)
+        if self.http_port is not None:
+            print(f"rest on http://{self.address.rsplit(':', 1)[0]}:{self.http_port}/v2", flush=True)
         await stop.wait()
         log.info("signal received, draining for up to %.1fs", self.settings.grace_period_s)
         await self.stop()

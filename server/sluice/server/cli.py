@@ -51,7 +51,7 @@ _METAVARS = {
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "serve",
-        help="serve a model repository over gRPC",
+        help="serve a model repository over gRPC (and the KServe v2 REST binding)",
         description="Serve a model repository over gRPC. Every flag can also be set with the environment "
         "variable shown; flags win.",
     )
