@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ ONES = np.ones((1, 4), dtype=np.float32)
 # Longer than HAProxy's check interval x fall (200 ms x 1): the balancer stops sending before a draining
 # replica refuses new calls.
 DRAIN_DELAY_S = 0.6
-SETTINGS = {"drain_delay_s": DRAIN_DELAY_S, "grace_period_s": 5.0}
+# A replica still connected to round_robin callers keeps getting (and refusing) calls until it stops, and
+# it waits for quiet up to the grace period: short here, as in-flight calls take 20 ms.
+SETTINGS = {"drain_delay_s": DRAIN_DELAY_S, "grace_period_s": 2.0}
 
 
 def free_port() -> int:
@@ -56,12 +59,10 @@ class Replicas:
         self.logs = logs
         self.ports = [free_port() for _ in range(REPLICAS)]
         self.running: dict[int, tuple[contextlib.ExitStack, ServerProcess]] = {}
-        self.starts = 0
 
     def start(self, slot: int) -> None:
-        self.starts += 1
         stack = contextlib.ExitStack()
-        log = self.logs / f"replica{slot}-{self.starts}.log"
+        log = self.logs / f"replica{slot}-{time.monotonic_ns()}.log"
         settings = {**SETTINGS, "port": self.ports[slot]}
         server = stack.enter_context(sluice_serve(self.repo, log, settings=settings))
         self.running[slot] = (stack, server)
@@ -74,11 +75,13 @@ class Replicas:
         stack.close()
 
     def all_up(self) -> None:
-        for slot in range(REPLICAS):
-            if slot in self.running and not self.server(slot).alive():
+        """Starts every replica that is not running, side by side: each start waits for SERVING."""
+        for slot in list(self.running):
+            if not self.server(slot).alive():
                 self.stop(slot)
-            if slot not in self.running:
-                self.start(slot)
+        missing = [slot for slot in range(REPLICAS) if slot not in self.running]
+        with ThreadPoolExecutor(max_workers=REPLICAS) as pool:
+            list(pool.map(self.start, missing))
 
     def close(self) -> None:
         for slot in list(self.running):
@@ -93,7 +96,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     base = tmp_path_factory.mktemp("replicas")
     repo = base / "repo"
     repo.mkdir()
-    sleepy_model(repo, MODEL, sleep_s=0.002)
+    # Slow enough batches that 64 callers leave CPU for the replicas' restarts on a small machine.
+    sleepy_model(repo, MODEL, sleep_s=0.02, max_batch_size=4)
     group = Replicas(repo, base)
     try:
         group.all_up()
