@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from sluice.clients import AsyncClient, ClientOptions, SluiceError
-from stress.harness import Ledger, ServerProcess, bounded, sleepy_model, sluice_serve
+from stress.harness import Ledger, ServerProcess, bounded, python_model, sluice_serve
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "haproxy"
 HAPROXY = shutil.which("haproxy")
@@ -34,8 +35,9 @@ needs_haproxy = pytest.mark.skipif(
 
 REPLICAS = 3
 CALLERS = 64
-MODEL = "sleepy"
+MODEL = "whoami"
 ONES = np.ones((1, 4), dtype=np.float32)
+PID_OUTPUT = '[{ name = "y", datatype = "FP32", shape = [-1, 1] }]'  # float32 holds any pid exactly
 # Longer than HAProxy's check interval x fall (200 ms x 1): the balancer stops sending before a draining
 # replica refuses new calls.
 DRAIN_DELAY_S = 0.6
@@ -96,8 +98,21 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     base = tmp_path_factory.mktemp("replicas")
     repo = base / "repo"
     repo.mkdir()
-    # Slow enough batches that 64 callers leave CPU for the replicas' restarts on a small machine.
-    sleepy_model(repo, MODEL, sleep_s=0.02, max_batch_size=4)
+    # Each answer carries the replica's pid, so a test sees that calls were spread. Slow enough batches
+    # that 64 callers leave CPU for the replicas' restarts on a small machine.
+    code = """
+    import os
+    import time
+
+    import numpy as np
+
+
+    class Model:
+        def predict(self, batch):
+            time.sleep(0.02)
+            return {"y": np.full((len(batch["x"]), 1), os.getpid(), dtype=np.float32)}
+    """
+    python_model(repo, MODEL, code, outputs=PID_OUTPUT, max_batch_size=4)
     group = Replicas(repo, base)
     try:
         group.all_up()
@@ -189,6 +204,8 @@ class Traffic:
         self.ledger = Ledger()
         self.stop = asyncio.Event()
         self.done = 0
+        self.answered_by: Counter[int] = Counter()
+        """Calls answered by each replica's pid."""
         self.tasks: list[asyncio.Task[None]] = []
 
     async def _caller(self, caller: int) -> None:
@@ -199,11 +216,12 @@ class Traffic:
             call_id = f"{caller}-{n}"
             self.ledger.start(call_id)
             try:
-                await self.client.predict(MODEL, x=ONES, timeout=20.0)
+                outputs = await self.client.predict(MODEL, x=ONES, timeout=20.0)
             except SluiceError as error:
                 self.ledger.end(call_id, error.code, error.message)
             else:
                 self.ledger.end(call_id, "OK")
+                self.answered_by[int(outputs["y"][0, 0])] += 1
             self.done += 1
 
     def start(self) -> None:
@@ -242,6 +260,8 @@ def assert_no_errors(load: Traffic, after: str) -> None:
 
 
 async def kill_one(replicas: Replicas, load: Traffic) -> None:
+    pids = {replicas.server(slot).pid for slot in range(REPLICAS)}
+    assert set(load.answered_by) == pids, f"calls reached {dict(load.answered_by)}, not each of {pids}"
     load.ledger.mark("killed", replicas.server(1).signal(signal.SIGKILL))
     await load.calls(4 * CALLERS)
 
