@@ -128,13 +128,13 @@ class HAProxy:
         assert HAPROXY is not None
         self.port = free_port()
         self.socket = directory / "haproxy.sock"
-        frames = runpy.run_path(str(DEPLOY / "health_check_frames.py"))["health_check"]()
         servers = "\n".join(f"    server r{i} 127.0.0.1:{p}" for i, p in enumerate(replicas.ports))
         config = (DEPLOY / "haproxy.cfg").read_text()
+        frames = runpy.run_path(str(DEPLOY / "health_check_frames.py"))["health_check"]()
+        assert f"tcp-check send-binary {frames.hex()}\n" in config, "regenerate the check's frames"
         for key, value in {
             "{stats_socket}": str(self.socket),
             "{bind}": f"127.0.0.1:{self.port}",
-            "{health_check_hex}": frames.hex(),
             "{servers}": servers,
         }.items():
             config = config.replace(key, value)
