@@ -82,9 +82,12 @@ class ClientOptions:
     timeout: float | None = None
     """Default deadline in seconds for each call; None waits as long as it takes."""
     retry: Retry = field(default_factory=Retry)
+    load_balancing: str | None = None
+    """gRPC load-balancing policy, e.g. "round_robin" to spread calls over every address of a target such as
+    `ipv4:127.0.0.1:8101,127.0.0.1:8102`; None keeps gRPC's default (pick_first: one server at a time)."""
 
-    def channel_options(self) -> list[tuple[str, int]]:
-        return [
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             # gRPC waits 1 s, then longer, before it reconnects to a server that went away; calls meanwhile
@@ -92,6 +95,9 @@ class ClientOptions:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        if self.load_balancing is not None:
+            options.append(("grpc.lb_policy_name", self.load_balancing))
+        return options
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
