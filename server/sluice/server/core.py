@@ -44,6 +44,10 @@ ANY_VARIABLE = -1
 """A `WireTensor.datatype` for KServe's BYTES: the input's own STRING or BYTES, whichever it declares."""
 
 
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+"""What a call refused by a stopping server is told, on every door."""
+
+
 class Stoppable(Protocol):
     """An open stream, as the data plane sees it."""
 
@@ -181,7 +185,7 @@ class DataPlane:
         """Admits one unary call or stream message, or refuses it before any of it is decoded."""
         self.last_arrival = time.monotonic()
         if self.phase is Phase.CLOSING:
-            raise unavailable("the server is shutting down; retry on another replica")
+            raise unavailable(SHUTTING_DOWN)
         if self.inflight >= self.limits.max_inflight:
             self.metrics.count_overload("max_inflight")
             raise exhausted(
@@ -200,7 +204,7 @@ class DataPlane:
         """Admits one stream, or refuses it."""
         self.last_arrival = time.monotonic()
         if self.phase is Phase.CLOSING:
-            raise unavailable("the server is shutting down; retry on another replica")
+            raise unavailable(SHUTTING_DOWN)
         if self.streams >= self.limits.max_streams:
             self.metrics.count_overload("max_streams")
             raise exhausted(
@@ -256,7 +260,7 @@ class DataPlane:
         `deadline` is the transport's (time.monotonic()); `describe` words a signature the door's way.
         """
         if self.phase is Phase.CLOSING:
-            raise unavailable("the server is shutting down; retry on another replica")
+            raise unavailable(SHUTTING_DOWN)
         repository = self.repository
         servable = repository.resolve(request.model, request.version)
         _ANSWERED_BY.set(servable.version)

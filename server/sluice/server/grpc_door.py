@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from sluice.server import memory
-from sluice.server.core import DataPlane
+from sluice.server.core import SHUTTING_DOWN, DataPlane
 from sluice.server.errors import Code, SluiceError, clip, to_status
 from sluice.server.streams import AnswerStream
 
@@ -35,8 +35,6 @@ GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for 
 
 LARGE = 1 << 20
 """A request this large makes the server give freed memory back to the system once it is over."""
-
-SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 class _Message(Protocol):

@@ -7,12 +7,9 @@ every size a header declares is checked against the bytes that came before anyth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import numpy.typing as npt
 
-from sluice.batcher import CooArray
 from sluice.server.errors import invalid
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import (
@@ -27,12 +24,10 @@ from sluice.wire import (
     numpy_dtype,
     type_name,
 )
-from sluice.wire import decode as decode_raw
 from sluice.wire import encode as encode_raw
 
 __all__ = [
     "datatype_of",
-    "decode",
     "densify",
     "encode",
     "format_shape",
@@ -48,19 +43,6 @@ def encode(name: str, array: npt.NDArray[np.generic]) -> pb.Tensor:
     """Builds a wire tensor from an array (one copy, into the message's bytes)."""
     datatype, raw = encode_raw(array)
     return pb.Tensor(name=name, datatype=datatype, shape=array.shape, raw_contents=raw)  # type: ignore[arg-type]
-
-
-def decode(tensor: pb.Tensor, what: str, max_bytes: int) -> npt.NDArray[np.generic]:
-    """A wire tensor as an array, dense or densified from its sparse form (at most `max_bytes` of it)."""
-    shape = tuple(tensor.shape)
-    if tensor.HasField("sparse"):
-        if tensor.raw_contents:
-            raise invalid(f"{what}: set either raw_contents or sparse, not both")
-        indices, values = sparse_parts(
-            tensor.sparse.indices, tensor.sparse.values, tensor.datatype, shape, what
-        )
-        return densify(indices, values, tensor.datatype, shape, what, max_bytes)
-    return decode_raw(tensor.raw_contents, tensor.datatype, shape, what)
 
 
 def sparse_parts(
@@ -123,8 +105,3 @@ def densify(
         dense = np.zeros(shape, dtype=NUMERIC[datatype])
     dense[tuple(indices.T)] = values
     return dense
-
-
-def coo(indices: npt.NDArray[np.int64], values: npt.NDArray[np.generic], shape: Sequence[int]) -> CooArray:
-    """A checked sparse tensor kept sparse, for steps that declare a sparse input."""
-    return CooArray(indices, values, tuple(shape))
