@@ -34,9 +34,33 @@ HERE = Path(__file__).resolve().parent
 PORT_LINE = re.compile(r"listening on \S*:(\d+)|^\s*(\d+)\s*$")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields 14 and 15 of proc(5) (utime, stime), counted after the command name's closing parenthesis.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, pid: int, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """`run_loadgen`'s report plus the server's own CPU per request (ms): a figure the neighbours' load
+    moves far less than requests/s, since it counts what the server spent, not what it was given."""
+    before, start = cpu_seconds(pid), time.monotonic()
+    report = run_loadgen(port, args, extra)
+    spent, elapsed = cpu_seconds(pid) - before, time.monotonic() - start
+    rate = report["requests_per_s"]
+    report["server_cpu_ms_per_request"] = spent / elapsed / rate * 1e3 if rate and elapsed else None
+    return report
+
+
 @contextmanager
-def started(cmd: list[str], port: int | None, startup_s: float, echo_output: bool) -> Iterator[int]:
-    """Start ``cmd``, wait for its port, keep draining its output, and stop it on exit."""
+def started(
+    cmd: list[str], port: int | None, startup_s: float, echo_output: bool, pid: list[int] | None = None
+) -> Iterator[int]:
+    """Start ``cmd``, wait for its port, keep draining its output, and stop it on exit; its process id is
+    appended to ``pid`` when given."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         found: list[int] = [] if port is None else [port]
@@ -55,6 +79,8 @@ def started(cmd: list[str], port: int | None, startup_s: float, echo_output: boo
                     found.append(int(match.group(1) or match.group(2)))
                     seen.set()
 
+        if pid is not None:
+            pid.append(proc.pid)
         threading.Thread(target=drain, daemon=True).start()
         deadline = time.monotonic() + startup_s
         while not seen.wait(0.1):
@@ -144,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     server_cmd = shlex.split(args.server_cmd)
     rounds: list[dict[str, Any]] = []
+    pids: dict[str, list[int]] = {"server": [], "echo": []}
     with (
-        started(server_cmd, args.server_port, args.startup_timeout, args.show_output) as server_port,
-        started(echo_cmd, None, args.startup_timeout, args.show_output) as echo_port,
+        started(
+            server_cmd, args.server_port, args.startup_timeout, args.show_output, pids["server"]
+        ) as server_port,
+        started(echo_cmd, None, args.startup_timeout, args.show_output, pids["echo"]) as echo_port,
     ):
         shapes = [f"--input-shape={s}" for s in args.input_shape]
         if not shapes:
@@ -165,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 order.reverse()
             result: dict[str, Any] = {}
             for name, port in order:
-                result[name] = run_loadgen(port, args, shapes)
+                result[name] = measured(port, pids[name][0], args, shapes)
             ratio = result["server"]["requests_per_s"] / result["echo"]["requests_per_s"]
             rounds.append({"server": result["server"], "echo": result["echo"], "ratio": ratio})
             print(
@@ -173,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(p50 {result['server']['latency_ms']['p50']:.2f} ms, "
                 f"errors {result['server']['errors'] or 0}), "
                 f"echo {result['echo']['requests_per_s']:,.0f} req/s "
-                f"(p50 {result['echo']['latency_ms']['p50']:.2f} ms), ratio {ratio:.2f}",
+                f"(p50 {result['echo']['latency_ms']['p50']:.2f} ms), ratio {ratio:.2f}; "
+                f"server CPU per request {_ms(result['server'])} vs echo {_ms(result['echo'])}",
                 flush=True,
             )
     median = statistics.median(r["ratio"] for r in rounds)
@@ -185,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
     return 0
+
+
+def _ms(report: dict[str, Any]) -> str:
+    value = report.get("server_cpu_ms_per_request")
+    return "?" if value is None else f"{value * 1e3:.0f} µs"
 
 
 if __name__ == "__main__":
