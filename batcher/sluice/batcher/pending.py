@@ -51,6 +51,8 @@ class Pending:
     state: int = QUEUED
     ran: RunTimes | None = None
     """The run that answered it, for a RunObserver."""
+    expired: bool = False
+    """Its deadline passed while its caller waited (the caller's task was cancelled for it)."""
 
 
 class _Group:

@@ -36,9 +36,12 @@ from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, 
 
 log = logging.getLogger("sluice.server")
 
-_ANSWERED_BY: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_by", default=None)
+_ANSWERED_BY: contextvars.ContextVar[str] = contextvars.ContextVar("answered_by", default="")
 """The version a call resolved, for `count`'s version label: each call (and stream message) runs in a task of
 its own, so the door's skeleton need not carry it."""
+
+_NAMES = {code: code.name for code in Code}
+"""Each status's name, looked up rather than read from the enum per call."""
 
 ANY_VARIABLE = -1
 """A `WireTensor.datatype` for KServe's BYTES: the input's own STRING or BYTES, whichever it declares."""
@@ -263,7 +266,7 @@ class DataPlane:
             raise unavailable(SHUTTING_DOWN)
         repository = self.repository
         servable = repository.resolve(request.model, request.version)
-        _ANSWERED_BY.set(servable.version)
+        _ANSWERED_BY.set(servable.version_label)
         # Held from lookup to answer: a version being unloaded waits for this request before it is freed.
         repository.hold(servable)
         try:
@@ -281,11 +284,9 @@ class DataPlane:
         """Counts one answered call; unknown model names are not labels (a caller must not grow metrics)."""
         label = model if model in self.repository.models else ""
         version = _ANSWERED_BY.get()
-        if version is not None:
-            _ANSWERED_BY.set(None)
-        self.metrics.count_request(
-            label, "" if version is None else str(version), method, code.name, time.monotonic() - started
-        )
+        if version:
+            _ANSWERED_BY.set("")
+        self.metrics.count_request(label, version, method, _NAMES[code], time.monotonic() - started)
 
 
 def decode_inputs(

@@ -91,41 +91,35 @@ def unary(
 ) -> grpc.RpcMethodHandler[bytes, Response]:
     """A unary method: admitted, parsed, answered, counted; every failure a status with a message."""
 
-    async def attempt(
-        data: bytes, context: Context, started: float
-    ) -> tuple[Response | None, Code, str, str]:
-        """The call's response and status; the parsed request lives only in this frame."""
-        model = ""
-        try:
-            request = parse(data)
-            model = model_of(request)
-            response = await answer(request, _deadline(context, started))
-        except asyncio.CancelledError:
-            plane.count(model, method, Code.CANCELLED, started)
-            raise
-        except Exception as exc:
-            code, message = to_status(exc, f"{method} model={clip(model)!r}")
-            return None, code, message, model
-        return response, Code.OK, "", model
-
     async def handle(data: bytes, context: Context) -> Response | _Empty:
         started = time.monotonic()
         large = len(data) >= LARGE
         if large:
             memory.large_request()
+        model = ""
         try:
             try:
                 plane.enter()
             except SluiceError as exc:
-                code, message, model = exc.code, exc.message, ""
+                code, message = exc.code, exc.message
             else:
+                request: Request | None = None
                 try:
-                    response, code, message, model = await attempt(data, context, started)
-                finally:
-                    plane.leave()
-                if response is not None:
+                    request = parse(data)
+                    model = model_of(request)
+                    response = await answer(request, _deadline(context, started))
+                except asyncio.CancelledError:
+                    plane.count(model, method, Code.CANCELLED, started)
+                    raise
+                except Exception as exc:
+                    code, message = to_status(exc, f"{method} model={clip(model)!r}")
+                else:
                     plane.count(model, method, Code.OK, started)
                     return response
+                finally:
+                    plane.leave()
+                    # Not kept alive by this frame while gRPC holds on to a failed call.
+                    request = None
             plane.count(model, method, code, started)
             # The status is set, not raised (context.abort): an exception would keep this call's frames,
             # and with them its request, alive for as long as gRPC holds on to it.

@@ -23,7 +23,7 @@ from sluice.server import grpc_door, kserve_models
 from sluice.server.config import parse_override
 from sluice.server.core import DataPlane, InferResult
 from sluice.server.errors import Code, SluiceError, clip, invalid, not_found
-from sluice.server.kserve_tensors import describe, encode_output, model_version, to_request
+from sluice.server.kserve_tensors import describe, encode_output_into, model_version, to_request
 from sluice.server.pipeline import Servable
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -215,10 +215,11 @@ class KServeService:
         response = kpb.ModelInferResponse(
             model_name=servable.name, model_version=str(servable.version), id=request.id
         )
+        add = response.outputs.add
+        raws = response.raw_output_contents
         for name, array in result.outputs:
-            tensor, raw = encode_output(name, array)
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(raw)
+            # Made in place: a tensor built apart would be copied into the response.
+            raws.append(encode_output_into(add(), name, array))
         final = request.parameters.get("triton_enable_empty_final_response")
         if final is not None and final.bool_param:
             # Triton's streaming clients may ask to be told which response is a request's last: with one

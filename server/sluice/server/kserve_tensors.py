@@ -66,22 +66,24 @@ def to_request(request: kpb.ModelInferRequest) -> InferRequest:
     inputs = []
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
-        what = f"input '{clip(name)}'"
-        if "shared_memory_region" in tensor.parameters:
+        if tensor.parameters and "shared_memory_region" in tensor.parameters:
             raise invalid(
-                f"{what}: Sluice does not support shared memory; send the tensor in raw_input_contents or "
-                "contents"
+                f"input '{clip(name)}': Sluice does not support shared memory; send the tensor in "
+                "raw_input_contents or contents"
             )
         label = tensor.datatype
-        datatype = wire_datatype(label, what)
+        datatype = ANY_VARIABLE if label == BYTES else _NUMERIC.get(label)
+        if datatype is None:
+            datatype = wire_datatype(label, f"input '{clip(name)}'")  # raises, naming what is accepted
         shape = tuple(tensor.shape)
         if raw:
             if tensor.HasField("contents"):
-                raise invalid(f"{what}: give its data in raw_input_contents or in contents, not both")
-            inputs.append(
-                WireTensor(name, datatype, shape, label, raw=raw[index], field="raw_input_contents")
-            )
+                raise invalid(
+                    f"input '{clip(name)}': give its data in raw_input_contents or in contents, not both"
+                )
+            inputs.append(WireTensor(name, datatype, shape, label, raw[index], "raw_input_contents"))
             continue
+        what = f"input '{clip(name)}'"
         field = "bytes_contents" if datatype == ANY_VARIABLE else _contents_field(datatype)
         if field is None:
             kind = f"{label} {format_shape(shape)}"
@@ -141,6 +143,18 @@ def encode_output(
         name=name, datatype=kserve_type(datatype), shape=array.shape
     )
     return tensor, raw
+
+
+def encode_output_into(
+    tensor: kpb.ModelInferResponse.InferOutputTensor, name: str, array: npt.NDArray[Any]
+) -> bytes:
+    """Fills an empty output description already in its response (`outputs.add()`); returns the output's
+    raw_output_contents entry."""
+    datatype, raw = encode(array)
+    tensor.name = name
+    tensor.datatype = kserve_type(datatype)
+    tensor.shape.extend(array.shape)
+    return raw
 
 
 def _contents_field(datatype: int) -> str | None:

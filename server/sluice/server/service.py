@@ -10,7 +10,7 @@ from sluice.server import grpc_door
 from sluice.server.core import DataPlane, InferRequest, InferResult, Phase, WireTensor, integer_parameter
 from sluice.server.errors import Code, SluiceError
 from sluice.server.repository import State
-from sluice.server.tensors import encode
+from sluice.server.tensors import encode_into
 from sluice.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -39,27 +39,27 @@ def to_request(message: pb.PredictRequest) -> InferRequest:
                 )
             )
         else:
-            inputs.append(
-                WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), raw=tensor.raw_contents)
-            )
+            # Positional: this runs for every tensor of every request.
+            shape = tuple(tensor.shape)
+            inputs.append(WireTensor(tensor.name, tensor.datatype, shape, "", tensor.raw_contents))
     return InferRequest(
-        model=message.model,
-        version=message.version if message.HasField("version") else None,
-        id=message.id,
-        inputs=inputs,
-        outputs=message.outputs,
-        priority=_priority(message) if message.parameters else 0,
+        message.model,
+        message.version if message.HasField("version") else None,
+        message.id,
+        inputs,
+        message.outputs,
+        _priority(message) if message.parameters else 0,
     )
 
 
 def to_response(result: InferResult) -> pb.PredictResponse:
     servable = result.servable
-    return pb.PredictResponse(
-        id=result.id,
-        model=servable.name,
-        model_version=servable.version,
-        outputs=[encode(name, array) for name, array in result.outputs],
-    )
+    response = pb.PredictResponse(id=result.id, model=servable.name, model_version=servable.version)
+    # Each tensor is made in place: a Tensor built apart would be copied into the response.
+    add = response.outputs.add
+    for name, array in result.outputs:
+        encode_into(add(), name, array)
+    return response
 
 
 def _priority(message: pb.PredictRequest) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "datatype_of",
     "densify",
     "encode",
+    "encode_into",
     "format_shape",
     "numpy_dtype",
     "sparse_parts",
@@ -43,6 +44,14 @@ def encode(name: str, array: npt.NDArray[np.generic]) -> pb.Tensor:
     """Builds a wire tensor from an array (one copy, into the message's bytes)."""
     datatype, raw = encode_raw(array)
     return pb.Tensor(name=name, datatype=datatype, shape=array.shape, raw_contents=raw)  # type: ignore[arg-type]
+
+
+def encode_into(tensor: pb.Tensor, name: str, array: npt.NDArray[np.generic]) -> None:
+    """Fills an empty wire tensor, one already in its message (`outputs.add()`), from an array."""
+    datatype, tensor.raw_contents = encode_raw(array)
+    tensor.datatype = datatype  # type: ignore[assignment]  # a DataType value, as sluice.wire returns it
+    tensor.name = name
+    tensor.shape.extend(array.shape)
 
 
 def sparse_parts(
