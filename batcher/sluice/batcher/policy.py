@@ -68,10 +68,10 @@ class Estimates:
     """Rows per second arriving."""
     target_rows: float
     """b*: the batch size that keeps the instances below the target utilisation."""
-    limit_rows: int = 0
+    limit_rows: int
     """Most rows the adaptive policy lets a batch of the last head's group take: the cost curve's limit
     in rows of that group, max_batch_size while the curve has none (and always, for other policies)."""
-    limit_elements: int = 0
+    limit_elements: int
     """The cost curve's limit in input elements per batch (after padding); 0 while it has none."""
 
 
