@@ -227,23 +227,31 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition never became true")
 
 
-async def test_batches_of_a_saturated_queue_respect_the_curves_limit(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_batches_of_a_saturated_queue_respect_the_curves_limit() -> None:
     curve = cheapest_at(64)  # 4 rows of 16 elements
     model = Held()
     config = BatcherConfig(policy="adaptive", max_batch_size=8, max_delay=0.0)
-    batcher = Batcher(model.run, config, name="m", curve=curve)
+    batcher = Batcher(model.run, config, curve=curve)
     batcher.start()
-    requests = [np.full((1, 16), i, np.float32) for i in range(11)]
-    with caplog.at_level(logging.INFO, logger="sluice.batcher"):
-        results = await fill_then_release(batcher, model, requests)
+    results = await fill_then_release(batcher, model, [np.full((1, 16), i, np.float32) for i in range(11)])
     await batcher.drain(0)
     assert model.sizes == [1, 4, 4, 2]
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(11)]
     assert curve.runs == [16, 64, 64, 32]  # every run's input elements reach the curve
     estimates = batcher.estimates
     assert (estimates.limit_rows, estimates.limit_elements) == (4, 64)
+
+
+async def test_a_settled_limit_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    model = Held()
+    config = BatcherConfig(policy="adaptive", max_batch_size=8, max_delay=0.0)
+    batcher = Batcher(model.run, config, name="m", curve=cheapest_at(64))
+    batcher.start()
+    requests = [np.full((1, 16), i, np.float32) for i in range(1 + 4 * 40)]
+    with caplog.at_level(logging.INFO, logger="sluice.batcher"):
+        await fill_then_release(batcher, model, requests)
+    await batcher.drain(0)
+    assert model.sizes == [1] + [4] * 40
     lines = [r.getMessage() for r in caplog.records if "batch limit" in r.getMessage()]
     assert lines == [
         "model 'm': batch limit 4 rows (was 8): batches of about 64 input elements run cheapest per element"

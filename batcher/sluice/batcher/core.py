@@ -40,6 +40,9 @@ RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 
 log = logging.getLogger("sluice.batcher")
 
+LIMIT_SETTLED = 16
+"""Batches a new batch limit must hold before it is logged: the log says where the curve settled, not
+each step of its climb."""
 LIMIT_LOG_EVERY = 10.0
 """Seconds between two log lines about the batch limit."""
 
@@ -72,6 +75,8 @@ class Batcher:
         self._policy = make_policy(config, self._load, pressure, curve)
         self._logged_limit = config.max_batch_size  # the batch limit in rows last logged
         self._next_limit_log = 0.0
+        self._limit_seen = config.max_batch_size  # the limit of the last batch collected,
+        self._limit_held = 0  # and for how many batches since it moved
         self._pad = config.pad
         self._crop = config.crop
         self._queue = PendingQueue()
@@ -425,17 +430,22 @@ class Batcher:
         policy = self._policy
         max_items = 1 if policy.single_request else sys.maxsize
         max_rows = policy.batch_rows(head, self._queue.group_rows(head.key))
-        limit, logged = policy.limit_rows, self._logged_limit
-        if 2 * limit <= logged or limit >= 2 * logged:
-            self._log_limit(limit)
+        limit = policy.limit_rows
+        if limit != self._limit_seen:
+            self._limit_seen, self._limit_held = limit, 0
+        else:
+            self._limit_held += 1
+            logged = self._logged_limit
+            if self._limit_held >= LIMIT_SETTLED and (2 * limit <= logged or limit >= 2 * logged):
+                self._log_limit(limit)
         members = self._queue.take(head.key, max_rows, max_items)
         # Drop callers that gave up between their last chance to leave the queue and now.
         members = self._still_waiting(members, "in the queue")
         return Batch(members) if members else None
 
     def _log_limit(self, limit: int) -> None:
-        """One INFO line when the batch limit has moved 2x or more from the one last logged, at most every
-        LIMIT_LOG_EVERY seconds: a user sees where the curve settled, not every step of its climb."""
+        """One INFO line for a settled batch limit 2x or more away from the one last logged, at most every
+        LIMIT_LOG_EVERY seconds."""
         now = time.monotonic()
         if now < self._next_limit_log:
             return
