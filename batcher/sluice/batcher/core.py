@@ -32,13 +32,19 @@ from sluice.batcher.errors import (
 )
 from sluice.batcher.observer import BatchObserver, NullObserver, RunObserver, RunTimes
 from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
-from sluice.batcher.policy import Estimates, LoadModel, make_policy
+from sluice.batcher.policy import CostCurve, Estimates, LoadModel, make_policy
 from sluice.batcher.sparse import CooArray
 
 RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 """(instance index, batched inputs) -> batched outputs, one row per input row."""
 
 log = logging.getLogger("sluice.batcher")
+
+LIMIT_SETTLED = 16
+"""Batches a new batch limit must hold before it is logged: the log says where the curve settled, not
+each step of its climb."""
+LIMIT_LOG_EVERY = 10.0
+"""Seconds between two log lines about the batch limit."""
 
 
 class Batcher:
@@ -52,9 +58,13 @@ class Batcher:
         name: str = "model",
         observer: BatchObserver | None = None,
         pressure: Callable[[], float] | None = None,
+        curve: CostCurve | None = None,
     ) -> None:
         """`pressure`, when given, returns the busy fraction (0..1) of the event loop the batcher runs on;
-        the adaptive policy batches harder while it is saturated. It is called on the loop's thread."""
+        the adaptive policy batches harder while it is saturated. It is called on the loop's thread.
+
+        `curve`, when given, is the cost curve the adaptive policy starts from and feeds (one measured
+        before, or a test's); by default it starts empty."""
         self._run = run
         self._config = config
         self._name = name
@@ -62,7 +72,11 @@ class Batcher:
         # Checked once here, so a batcher without one pays nothing per request for it.
         self._timed: RunObserver | None = observer if isinstance(observer, RunObserver) else None
         self._load = LoadModel()
-        self._policy = make_policy(config, self._load, pressure)
+        self._policy = make_policy(config, self._load, pressure, curve)
+        self._logged_limit = config.max_batch_size  # the batch limit in rows last logged
+        self._next_limit_log = 0.0
+        self._limit_seen = config.max_batch_size  # the limit of the last batch collected,
+        self._limit_held = 0  # and for how many batches since it moved
         self._pad = config.pad
         self._crop = config.crop
         self._queue = PendingQueue()
@@ -110,7 +124,8 @@ class Batcher:
 
     @property
     def estimates(self) -> Estimates:
-        """The measured run-time model and load, and the batch size they call for."""
+        """The measured run-time model and load, the batch size they call for, and the batch limit the
+        cost curve sets."""
         return self._policy.estimates(time.monotonic())
 
     def start(self) -> None:
@@ -393,7 +408,7 @@ class Batcher:
                     if not policy.loop_bound:
                         await self._wait(wait)
                         continue
-                    await self._until_quiet(head, now + wait)
+                    await self._until_quiet(head, now + wait, enough)
                     head = queue.head()
                     if head is None or not self._free:
                         continue
@@ -406,13 +421,13 @@ class Batcher:
             else:
                 self._spawn(batch, head)
 
-    async def _until_quiet(self, head: Pending, end: float) -> None:
-        """Sleeps until `end`, a full batch, or a pause in arrivals (see AdaptivePolicy.quiet_gap).
+    async def _until_quiet(self, head: Pending, end: float, limit: int) -> None:
+        """Sleeps until `end`, a full batch of `limit` rows, or a pause in arrivals (see
+        AdaptivePolicy.quiet_gap).
 
         Arrivals do not wake the dispatcher: each wake-up just checks whether one came since it slept.
         """
         gap = self._policy.quiet_gap(time.monotonic())
-        limit = self._config.max_batch_size
         while self._queue.group_rows(head.key) < limit and not self._closing:
             now = time.monotonic()
             until = min(end, self._last_arrival + gap)
@@ -436,11 +451,36 @@ class Batcher:
 
     def _collect(self, head: Pending) -> Batch | None:
         """Takes the next batch out of the queue: `head`'s group, priority then arrival, while it fits."""
-        max_items = 1 if self._policy.single_request else sys.maxsize
-        members = self._queue.take(head.key, self._config.max_batch_size, max_items)
+        policy = self._policy
+        max_items = 1 if policy.single_request else sys.maxsize
+        max_rows = policy.batch_rows(head, self._queue.group_rows(head.key))
+        limit = policy.limit_rows
+        if limit != self._limit_seen:
+            self._limit_seen, self._limit_held = limit, 0
+        else:
+            self._limit_held += 1
+            logged = self._logged_limit
+            if self._limit_held >= LIMIT_SETTLED and (2 * limit <= logged or limit >= 2 * logged):
+                self._log_limit(limit)
+        members = self._queue.take(head.key, max_rows, max_items)
         # Drop callers that gave up between their last chance to leave the queue and now.
         members = self._still_waiting(members, "in the queue")
         return Batch(members) if members else None
+
+    def _log_limit(self, limit: int) -> None:
+        """One INFO line for a settled batch limit 2x or more away from the one last logged, at most every
+        LIMIT_LOG_EVERY seconds."""
+        now = time.monotonic()
+        if now < self._next_limit_log:
+            return
+        self._next_limit_log = now + LIMIT_LOG_EVERY
+        elements = self._policy.estimates(now).limit_elements
+        if elements:
+            why = f"batches of about {elements} input elements run cheapest per element"
+        else:
+            why = "the largest batches measured run cheapest per element"
+        log.info("model '%s': batch limit %d rows (was %d): %s", self._name, limit, self._logged_limit, why)
+        self._logged_limit = limit
 
     def _still_waiting(self, members: list[Pending], where: str) -> list[Pending]:
         """`members` less those whose caller left or whose deadline passed; the latter get
@@ -561,7 +601,8 @@ class Batcher:
             batch.fail(lambda: OutputMismatchError(message, model=self._name))
             return OutputMismatchError(message, model=self._name), run_time
         batch.deliver(outputs, self._crop)
-        self._load.on_run(batch.rows, run_time)
+        # Elements as run, pads included: what the run's cost grows with.
+        self._policy.on_run(batch.rows, sum(array.size for array in inputs.values()), run_time)
         timed = self._timed
         if timed is not None:
             times = RunTimes(batch.rows, began, start - began, run_time, time.monotonic() - ended)

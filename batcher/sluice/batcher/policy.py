@@ -18,6 +18,11 @@ arrivals pause for twice their mean gap, the callers that are coming have come, 
 only leave the loop idle. A wait that brings no company (a lone
 caller whose next request cannot come before this one is answered) is not repeated for the next 2, 4, 8 ...
 batches, so a single busy caller almost never waits.
+
+How big a batch may get is a separate question, answered by the measured cost curve (`CostCurve`): on a
+CPU a batch whose activations no longer fit the caches costs more per row than a smaller one, so the
+adaptive policy caps batches at the size, in input elements, that ran cheapest per element, and keeps
+probing the sizes next to it while the queue is long enough to fill them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sluice.batcher.config import BatcherConfig
+from sluice.batcher.pending import Pending
 
 UTILISATION = 0.8
 """Target fraction of time the instances are busy; headroom absorbs bursts."""
@@ -38,6 +44,16 @@ LOOP_SATURATED = 0.6
 """Busy fraction of the event loop above which per-batch costs limit throughput."""
 MAX_BACKOFF = 1024
 """Most batches dispatched at once after fruitless waits, before waiting is tried again."""
+CURVE_SAMPLES = 2
+"""Runs a batch size needs before the cost curve trusts its cost (and before it stops probing it)."""
+CURVE_WEIGHT = 0.25
+"""Weight of a new run in a size's mean cost once it has 4 (the first ones are averaged plainly)."""
+CURVE_TIE = 0.05
+"""Costs per element within this fraction of the cheapest count as equal; the larger batch wins them, as
+fewer batches also save the event loop per-batch work the curve does not see."""
+CURVE_REPROBE = 32
+"""Runs after which a size next to the limit counts as stale and is run once more to refresh it."""
+_BUCKETS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +68,11 @@ class Estimates:
     """Rows per second arriving."""
     target_rows: float
     """b*: the batch size that keeps the instances below the target utilisation."""
+    limit_rows: int
+    """Most rows the adaptive policy lets a batch of the last head's group take: the cost curve's limit
+    in rows of that group, max_batch_size while the curve has none (and always, for other policies)."""
+    limit_elements: int
+    """The cost curve's limit in input elements per batch (after padding); 0 while it has none."""
 
 
 class LoadModel:
@@ -98,6 +119,125 @@ class LoadModel:
         self.alpha, self.beta = alpha, beta
 
 
+def _bucket(elements: int) -> int:
+    """log2(elements) rounded to the nearest integer: buckets are centred on powers of two, so a batch
+    one row short of a power of two (a queue not quite full) counts with the full one."""
+    return min((elements * 181 >> 7).bit_length() - 1, _BUCKETS - 1)  # 181/128 ~ sqrt(2)
+
+
+class CostCurve:
+    """Seconds per input element of the runs, by batch size in elements; O(1) per run.
+
+    Sizes are bucketed by log2 of the elements a batch held, rounded (bucket k: about 2**k elements);
+    each bucket keeps an exponentially weighted mean of seconds per element and a run count. The *limit*
+    is the largest bucket whose cost is within CURVE_TIE of the cheapest one among those with
+    CURVE_SAMPLES runs; when that is the largest bucket measured there is no limit (bigger may be
+    cheaper still, so the batch is as big as the queue and max_batch_size allow).
+
+    Exploration is a hill climb: while the queue can fill it, the next batch is a *probe* of a bucket
+    next to the cheapest one that lacks runs (half or double its size), or, every CURVE_REPROBE runs,
+    of a bucket next to the limit, to follow a curve that changes.
+    """
+
+    __slots__ = ("_cheapest", "_cost", "_count", "_hi", "_limit", "_lo", "_open", "_runs", "_seen")
+
+    def __init__(self) -> None:
+        self._cost = [0.0] * _BUCKETS
+        self._count = [0] * _BUCKETS
+        self._seen = [0] * _BUCKETS  # run number of each bucket's latest run
+        self._runs = 0
+        self._lo = _BUCKETS  # range of buckets with any run
+        self._hi = -1
+        self._cheapest = -1  # bucket with the lowest cost among those with CURVE_SAMPLES runs; -1: none
+        self._limit = -1  # the bucket the limit is taken from; -1: none
+        self._open = True  # True: the limit is the largest bucket measured, so it does not bind
+
+    def record(self, elements: int, seconds: float) -> None:
+        """Adds one successful run of a batch of `elements` input elements that took `seconds`."""
+        if elements <= 0 or not seconds >= 0.0:  # `not >=` also refuses NaN
+            return
+        bucket = _bucket(elements)
+        count = self._count[bucket] + 1
+        self._count[bucket] = count
+        weight = max(1.0 / count, CURVE_WEIGHT)
+        self._cost[bucket] += weight * (seconds / elements - self._cost[bucket])
+        self._seen[bucket] = self._runs
+        self._runs += 1
+        self._lo = min(self._lo, bucket)
+        self._hi = max(self._hi, bucket)
+        self._choose()
+
+    def _choose(self) -> None:
+        cost, count = self._cost, self._count
+        cheapest = top = -1
+        for bucket in range(self._lo, self._hi + 1):
+            if count[bucket] >= CURVE_SAMPLES:
+                top = bucket
+                if cheapest < 0 or cost[bucket] <= cost[cheapest]:
+                    cheapest = bucket
+        self._cheapest = cheapest
+        if cheapest < 0:
+            self._limit, self._open = -1, True
+            return
+        cutoff = cost[cheapest] * (1.0 + CURVE_TIE)
+        limit = cheapest
+        for bucket in range(cheapest + 1, top + 1):
+            if count[bucket] >= CURVE_SAMPLES and cost[bucket] <= cutoff:
+                limit = bucket
+        self._limit, self._open = limit, limit == top
+
+    @property
+    def limit(self) -> int:
+        """Most input elements a batch should hold (about: see `rows`); 0 when nothing limits it."""
+        return 0 if self._open else 1 << self._limit
+
+    def cost(self, elements: int) -> float | None:
+        """Mean seconds per element of batches about this big, None before CURVE_SAMPLES runs."""
+        bucket = _bucket(elements)
+        return self._cost[bucket] if self._count[bucket] >= CURVE_SAMPLES else None
+
+    def rows(self, queued: int, per_row: int, max_rows: int) -> tuple[int, int]:
+        """(rows for the next batch, rows the limit allows) for a group whose rows hold `per_row` input
+        elements, with `queued` rows waiting; both are at most max_rows and at least 1.
+
+        The first differs from the second only for a probe, and a probe is only ever a size the queue
+        can fill (a probe of a size that cannot be reached would measure a smaller batch instead).
+        """
+        per_row = max(per_row, 1)
+        limit = max_rows if self._open else _rows_for(self._limit, per_row, max_rows)
+        if self._cheapest < 0:
+            return limit, limit
+        probe = self._probe(queued, per_row, max_rows)
+        return (limit if probe < 0 else _rows_for(probe, per_row, max_rows)), limit
+
+    def _probe(self, queued: int, per_row: int, max_rows: int) -> int:
+        """The bucket to probe next, or -1: first a neighbour of the cheapest bucket that lacks runs (the
+        climb), else the stalest neighbour of the limit's bucket once it is CURVE_REPROBE runs old."""
+        count, seen = self._count, self._seen
+        cheapest, limit = self._cheapest, self._limit
+        for bucket in (cheapest + 1, cheapest - 1):
+            if _reachable(bucket, queued, per_row, max_rows) and count[bucket] < CURVE_SAMPLES:
+                return bucket
+        stalest, oldest = -1, self._runs - CURVE_REPROBE
+        for bucket in (limit + 1, limit - 1):
+            if _reachable(bucket, queued, per_row, max_rows) and seen[bucket] < oldest:
+                stalest, oldest = bucket, seen[bucket]
+        return stalest
+
+
+def _rows_for(bucket: int, per_row: int, max_rows: int) -> int:
+    """Rows of `per_row` elements nearest to the centre of `bucket`, within 1..max_rows."""
+    return min(max(((1 << bucket) + per_row // 2) // per_row, 1), max_rows)
+
+
+def _reachable(bucket: int, queued: int, per_row: int, max_rows: int) -> bool:
+    """Whether a batch of this group can land in `bucket`, and the queue holds enough rows for it."""
+    if not 0 <= bucket < _BUCKETS:
+        return False
+    rows = _rows_for(bucket, per_row, max_rows)
+    return rows <= queued and _bucket(rows * per_row) == bucket
+
+
 class Policy:
     """Base: decides how long the head of the queue may still wait."""
 
@@ -110,6 +250,9 @@ class Policy:
         self.instances = config.instances
         self.load = load
         self.pressure = pressure
+        self.limit_rows = config.max_batch_size
+        """Most rows the last head's group may put in a batch, probes aside: waiting for more gains
+        nothing."""
 
     loop_bound = False
     """True while the current wait is for the event loop's sake (see AdaptivePolicy)."""
@@ -121,6 +264,14 @@ class Policy:
 
     def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
         """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited."""
+
+    def on_run(self, rows: int, elements: int, seconds: float) -> None:
+        """Told of every successful run: its rows, its input elements after padding, its seconds."""
+        self.load.on_run(rows, seconds)
+
+    def batch_rows(self, head: Pending, queued: int) -> int:
+        """Most rows the batch built around `head` may take, with `queued` rows of its group waiting."""
+        return self.max_rows
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         """(seconds to keep waiting, compatible rows that would end the wait); <= 0 seconds: dispatch now."""
@@ -138,7 +289,8 @@ class Policy:
         return min(rate * load.alpha / room, float(self.max_rows))
 
     def estimates(self, now: float) -> Estimates:
-        return Estimates(self.load.alpha, self.load.beta, self.load.rate(now), self.target_rows(now))
+        load = self.load
+        return Estimates(load.alpha, load.beta, load.rate(now), self.target_rows(now), self.max_rows, 0)
 
 
 class NoBatching(Policy):
@@ -160,13 +312,44 @@ class FixedPolicy(Policy):
 
 
 class AdaptivePolicy(Policy):
-    """Waits only when the expected company arrives within max_delay and is needed to keep up."""
+    """Waits only when the expected company arrives within max_delay and is needed to keep up, and caps
+    batches at the size the cost curve finds cheapest per element."""
 
-    def __init__(self, config: BatcherConfig, load: LoadModel, pressure: Callable[[], float] | None) -> None:
+    def __init__(
+        self,
+        config: BatcherConfig,
+        load: LoadModel,
+        pressure: Callable[[], float] | None,
+        curve: CostCurve | None = None,
+    ) -> None:
         super().__init__(config, load, pressure)
         self._skip = 0  # batches still to dispatch at once after a fruitless wait
         self._backoff = 1
         self.loop_bound = False
+        self.curve = curve if curve is not None else CostCurve()
+
+    def on_run(self, rows: int, elements: int, seconds: float) -> None:
+        self.load.on_run(rows, seconds)
+        self.curve.record(elements, seconds)
+
+    def batch_rows(self, head: Pending, queued: int) -> int:
+        curve = self.curve
+        if queued <= 1:
+            return self.max_rows  # the batch is the head alone, whatever the limit
+        per_row = sum(array.size for array in head.inputs.values()) // head.rows
+        rows, self.limit_rows = curve.rows(queued, per_row, self.max_rows)
+        return max(rows, head.rows)  # the head always fits, or the batch would be empty
+
+    def estimates(self, now: float) -> Estimates:
+        load = self.load
+        return Estimates(
+            load.alpha,
+            load.beta,
+            load.rate(now),
+            self.target_rows(now),
+            self.limit_rows,
+            self.curve.limit,
+        )
 
     def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
         if self._skip:
@@ -181,12 +364,13 @@ class AdaptivePolicy(Policy):
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
-        if left <= 0 or queued >= self.max_rows:
+        enough = self.limit_rows
+        if left <= 0 or queued >= enough:
             return 0.0, 0
         if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
             self.loop_bound = True
-            return left, self.max_rows
-        target = self.target_rows(now)
+            return left, enough
+        target = min(self.target_rows(now), float(enough))
         if queued >= target:
             return 0.0, 0
         rate = self.load.rate(now)
@@ -196,7 +380,13 @@ class AdaptivePolicy(Policy):
 
 
 def make_policy(
-    config: BatcherConfig, load: LoadModel, pressure: Callable[[], float] | None = None
+    config: BatcherConfig,
+    load: LoadModel,
+    pressure: Callable[[], float] | None = None,
+    curve: CostCurve | None = None,
 ) -> Policy:
-    kinds: dict[str, type[Policy]] = {"adaptive": AdaptivePolicy, "fixed": FixedPolicy, "none": NoBatching}
+    """The policy `config` names; only the adaptive one uses (and feeds) the cost curve."""
+    if config.policy == "adaptive":
+        return AdaptivePolicy(config, load, pressure, curve)
+    kinds: dict[str, type[Policy]] = {"fixed": FixedPolicy, "none": NoBatching}
     return kinds[config.policy](config, load, pressure)
