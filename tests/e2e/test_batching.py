@@ -59,6 +59,8 @@ async def test_concurrent_callers_are_batched_and_get_their_own_rows(served: Slu
         inputs
     )
     assert metrics['sluice_queue_rows{model="digits",version="1"}'] == 0
+    # The batch size the measured cost curve allows: within the model's max_batch_size (64).
+    assert 1 <= metrics['sluice_batch_limit_rows{model="digits",version="1"}'] <= 64
 
 
 async def _until(server: SluiceServer, sample: str, at_least: float) -> None:

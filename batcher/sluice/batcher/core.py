@@ -123,6 +123,11 @@ class Batcher:
         return self._config.instances - len(self._free)
 
     @property
+    def batch_limit(self) -> int:
+        """Most rows the next batch may take (the adaptive policy's cost-curve limit, else max_batch_size)."""
+        return self._policy.limit_rows
+
+    @property
     def estimates(self) -> Estimates:
         """The measured run-time model and load, the batch size they call for, and the batch limit the
         cost curve sets."""

@@ -66,6 +66,9 @@ class Gauged(Protocol):
     def queue_rows(self) -> int: ...
 
     @property
+    def batch_limit(self) -> int: ...
+
+    @property
     def busy(self) -> int: ...
 
 
@@ -260,6 +263,12 @@ class Metrics(Collector):
         labels = ["model", "version"]
         queue = GaugeMetricFamily("sluice_queue_rows", "Rows waiting in the queue.", labels=labels)
         busy = GaugeMetricFamily("sluice_instances_busy", "Model instances running a batch.", labels=labels)
+        batch_limit = GaugeMetricFamily(
+            "sluice_batch_limit_rows",
+            "Most rows the next batch may take: the adaptive policy's limit from the measured cost curve, "
+            "else max_batch_size (1 for a model without a batch dimension).",
+            labels=labels,
+        )  # fmt: skip
         errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=labels)
         rejected = CounterMetricFamily(
             "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
@@ -273,12 +282,14 @@ class Metrics(Collector):
             version = str(number)
             queue.add_metric([model, version], sum(s.queue_rows for s in m.schedulers))
             busy.add_metric([model, version], sum(s.busy for s in m.schedulers))
+            if m.schedulers:
+                batch_limit.add_metric([model, version], max(s.batch_limit for s in m.schedulers))
             errors.add_metric([model, version], m.batch_errors)
             for reason, count in list(m.rejected.items()):
                 rejected.add_metric([model, version, reason], count)
             for reason, count in list(m.dropped.items()):
                 dropped.add_metric([model, version, reason], count)
-        yield from (queue, busy, errors, rejected, dropped)
+        yield from (queue, busy, batch_limit, errors, rejected, dropped)
         if self.model_states is not None:
             states = GaugeMetricFamily(
                 "sluice_model_state",

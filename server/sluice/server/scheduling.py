@@ -54,6 +54,10 @@ class Scheduler(Protocol):
     def busy(self) -> int:
         """Instances running now."""
 
+    @property
+    def batch_limit(self) -> int:
+        """Most rows the next batch may take."""
+
 
 def _nothing() -> None:
     return None
@@ -205,6 +209,11 @@ class DirectScheduler:
     @property
     def busy(self) -> int:
         return self._running
+
+    @property
+    def batch_limit(self) -> int:
+        """Every run is one request."""
+        return 1
 
     async def submit(
         self,
