@@ -1,0 +1,121 @@
+"""Sluice serving a model against ONNX Runtime's best batch in-process, alternating, in one run.
+
+The issue-13 bar for a compute-bound model: served items/s at 64 callers at least 0.95 of the best items/s
+that ONNX Runtime reaches in-process (`baseline.py`, same thread count) on the same machine. On a shared
+machine the two figures drift by 10% or more between minutes, so each round measures both back to back and
+the ratio is taken per round. The server stays up between rounds, so its batch limit (the cost curve) keeps
+what it learned; its first `--warmup` seconds are not counted.
+
+Run (MiniLM exported by examples/export_minilm.py, tensors in, sequence length 128):
+
+    python benchmarks/compare_ort.py examples/models/minilm --seq 128 --rounds 3
+
+The model directory's model.onnx is served from a temporary repository whose config.toml has only the
+batching settings given here (no tokenizer: `input_ids` and `attention_mask` are sent as INT64 tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compare_echo import measured, started
+
+HERE = Path(__file__).resolve().parent
+
+
+def repository(model_dir: Path, root: Path, max_batch: int, policy: str, instances: int) -> Path:
+    """A one-model repository serving `model_dir`'s ONNX file with the given batching."""
+    entry = root / model_dir.name
+    (entry / "1").mkdir(parents=True)
+    (entry / "1" / "model.onnx").symlink_to((model_dir / "1" / "model.onnx").resolve())
+    (entry / "config.toml").write_text(
+        f'[batching]\nmax_batch_size = {max_batch}\npolicy = "{policy}"\n\n'
+        f"[execution]\ninstances = {instances}\n"
+    )
+    return root
+
+
+def baseline(model_dir: Path, seq: int, sizes: str, seconds: float, threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "baseline.json"
+        subprocess.run(
+            [sys.executable, str(HERE / "baseline.py"), str(model_dir / "1" / "model.onnx"),
+             f"--seq={seq}", f"--batch-sizes={sizes}", f"--seconds={seconds}", f"--threads={threads}",
+             "--providers=cpu", "--min-runs=3", "--warmup-runs=1", f"--json={out}"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        report: dict[str, Any] = json.loads(out.read_text())
+        return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="a model directory (its 1/model.onnx is served)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length of input_ids/attention_mask")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=10.0, help="served seconds measured per round")
+    parser.add_argument("--warmup", type=float, default=10.0, help="served seconds not counted, first round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="baseline batch sizes")
+    parser.add_argument("--baseline-seconds", type=float, default=2.0, help="per baseline batch size")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, both sides, in all")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--policy", default="adaptive", choices=("adaptive", "fixed", "none"))
+    parser.add_argument(
+        "--instances", type=int, default=1,
+        help="model instances in the server; its threads are split between them",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    shapes = [f"--input-shape={name}:INT64:1x{args.seq}" for name in ("input_ids", "attention_mask")]
+    load = argparse.Namespace(
+        model=args.model.name, concurrency=args.concurrency, processes=args.processes,
+        duration=args.duration, warmup=args.warmup, rows=1, protocol="kserve", client="raw",
+    )  # fmt: skip
+    rounds: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = repository(args.model, Path(tmp), args.max_batch, args.policy, args.instances)
+        command = [
+            str(Path(sys.executable).with_name("sluice")), "serve", str(repo), "--port", "0",
+            "--http-port", "-1", "--metrics-port", "-1", "--inference-threads", str(args.threads),
+        ]  # fmt: skip
+        pid: list[int] = []
+        with started(command, None, 300.0, False, pid) as port:
+            for index in range(args.rounds):
+                if index:
+                    load.warmup = 1.0
+                served = measured(port, pid[0], load, shapes)
+                base = baseline(args.model, args.seq, args.batch_sizes, args.baseline_seconds, args.threads)
+                best = base["best"]
+                ratio = served["rows_per_s"] / best["rows_per_s"]
+                rounds.append({"served": served, "baseline": base, "ratio": ratio})
+                print(
+                    f"round {index + 1}: served {served['rows_per_s']:.1f} items/s "
+                    f"(p50 {served['latency_ms']['p50']:.0f} ms, errors {served['errors'] or 0}), "
+                    f"ONNX Runtime best {best['rows_per_s']:.1f} at batch {best['batch']}, ratio {ratio:.2f}",
+                    flush=True,
+                )
+    ratios = [r["ratio"] for r in rounds]
+    print(
+        f"{args.model.name} seq {args.seq}, {args.concurrency} callers, {args.policy}, "
+        f"{args.instances} instance(s), {args.threads} threads: served / ONNX Runtime best = "
+        f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
