@@ -316,6 +316,19 @@ async def test_a_deadline_while_running_still_fails_the_caller(make: Make) -> No
     assert_idle(batcher)
 
 
+async def test_a_deadline_met_leaves_the_caller_alone_afterwards(make: Make) -> None:
+    # The deadline is a timer that cancels the caller's task: once the answer is in, it must be gone, or the
+    # caller would be cancelled later, somewhere else.
+    batcher = make(FakeModel())
+
+    async def caller() -> str:
+        await batcher.submit(rows(1.0), deadline=time.monotonic() + 0.05)
+        await asyncio.sleep(0.1)  # well past the deadline
+        return "still running"
+
+    assert await within(caller()) == "still running"
+
+
 async def test_a_cancelled_caller_is_never_run_and_frees_its_rows(make: Make) -> None:
     model = FakeModel(held=True)
     recorder = Recorder()
