@@ -152,22 +152,26 @@ class Batcher:
         """
         item = self._admit(inputs, priority, deadline)
         timer: asyncio.TimerHandle | None = None
+        task: asyncio.Task[Any] | None = None
+        entered = 0
         if deadline is not None:
             # A timer that cancels this task at the deadline, told apart from other cancellations by
             # `item.expired`: asyncio.timeout does the same at twice the cost, on every request.
             assert self._loop is not None
-            timer = self._loop.call_later(
-                deadline - time.monotonic(), self._expire, item, asyncio.current_task()
-            )
+            task = asyncio.current_task()
+            entered = 0 if task is None else task.cancelling()
+            timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item, task)
         try:
             result = await self._answer(item)
             if self._timed is not None and item.ran is not None:
                 self._timed.on_answer(item.rows, item.ran.started - item.arrival, item.ran)
             return result
         except asyncio.CancelledError:
+            if item.expired and task is not None:
+                item.expired = False  # its cancellation is taken back here, once
+                if task.uncancel() <= entered:  # the deadline's alone, not the caller's too
+                    return self._expired(item)
             task = asyncio.current_task()
-            if item.expired and task is not None and task.uncancel() == 0:
-                return self._expired(item)
             if item in self._aborted:
                 # drain() cancelled this caller's own run when the grace ran out: a shutdown, not a caller
                 # leaving, so the caller hears it as one.
@@ -184,6 +188,10 @@ class Batcher:
         finally:
             if timer is not None:
                 timer.cancel()
+                if item.expired and task is not None:
+                    # The deadline cancelled this task, but what it awaited swallowed the cancellation (a
+                    # run function that ignores it) and the answer came: take the cancellation back.
+                    task.uncancel()
 
     @staticmethod
     def _expire(item: Pending, task: asyncio.Task[Any] | None) -> None:

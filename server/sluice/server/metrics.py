@@ -282,8 +282,10 @@ class Metrics(Collector):
             version = str(number)
             queue.add_metric([model, version], sum(s.queue_rows for s in m.schedulers))
             busy.add_metric([model, version], sum(s.busy for s in m.schedulers))
-            if m.schedulers:
-                batch_limit.add_metric([model, version], max(s.batch_limit for s in m.schedulers))
+            # A snapshot: an unloaded version's scheduler leaves the list on the event loop's thread.
+            limits = [s.batch_limit for s in list(m.schedulers)]
+            if limits:
+                batch_limit.add_metric([model, version], max(limits))
             errors.add_metric([model, version], m.batch_errors)
             for reason, count in list(m.rejected.items()):
                 rejected.add_metric([model, version, reason], count)
