@@ -30,11 +30,17 @@ _NUMERIC: dict[str, int] = {
     if value not in (pb.DATA_TYPE_UNSPECIFIED, *_VARIABLE)
 }
 _TYPE_LIST = ", ".join([*_NUMERIC, BYTES])
+_KSERVE_NAMES: dict[int, str] = {
+    **{value: name for name, value in _NUMERIC.items()},
+    **dict.fromkeys(_VARIABLE, BYTES),
+}
+"""kserve_type's answers, looked up: it runs for every output of every response."""
 
 
 def kserve_type(datatype: int) -> str:
     """KServe's name of a Sluice data type: FP32, INT64, ... and BYTES for STRING and BYTES."""
-    return BYTES if datatype in _VARIABLE else type_name(datatype)
+    name = _KSERVE_NAMES.get(datatype)
+    return name if name is not None else type_name(datatype)
 
 
 def triton_type(datatype: int) -> mc.DataType.ValueType:
@@ -109,7 +115,7 @@ def to_request(request: kpb.ModelInferRequest) -> InferRequest:
         version=model_version(request.model_version),
         id=request.id,
         inputs=inputs,
-        outputs=[o.name for o in request.outputs],
+        outputs=[o.name for o in wanted] if (wanted := request.outputs) else (),
         priority=priority(parameters) if parameters else 0,
         timeout=timeout(parameters) if parameters else None,
     )
