@@ -188,12 +188,18 @@ class KServeService:
 
     async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
         result = await self.plane.infer(to_request(request), deadline, describe)
-        return self._response(request, result)
+        response = kpb.ModelInferResponse()
+        self._fill(response, request, result)
+        return response
 
     async def stream_answer(
         self, request: kpb.ModelInferRequest, deadline: float | None
     ) -> kpb.ModelStreamInferResponse:
-        return kpb.ModelStreamInferResponse(infer_response=await self.infer(request, deadline))
+        result = await self.plane.infer(to_request(request), deadline, describe)
+        answer = kpb.ModelStreamInferResponse()
+        # Filled in place: a response built apart would be copied into the stream answer.
+        self._fill(answer.infer_response, request, result)
+        return answer
 
     @staticmethod
     def failed(
@@ -210,11 +216,14 @@ class KServeService:
             message = f"[request id: {clip(request.id)}] {message}"
         return kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
-    def _response(self, request: kpb.ModelInferRequest, result: InferResult) -> kpb.ModelInferResponse:
+    def _fill(
+        self, response: kpb.ModelInferResponse, request: kpb.ModelInferRequest, result: InferResult
+    ) -> None:
+        """Writes a result into an empty response, in place."""
         servable = result.servable
-        response = kpb.ModelInferResponse(
-            model_name=servable.name, model_version=str(servable.version), id=request.id
-        )
+        response.model_name = servable.name
+        response.model_version = servable.version_label
+        response.id = request.id
         add = response.outputs.add
         raws = response.raw_output_contents
         for name, array in result.outputs:
@@ -226,7 +235,6 @@ class KServeService:
             # response per request, it is always this one.
             response.parameters["triton_final_response"].bool_param = True
         self.last_inference[servable.name] = time.time_ns() // 1_000_000
-        return response
 
     async def _found(self, name: str, version: str, context: grpc.aio.ServicerContext[Any, Any]) -> Servable:
         """The servable a metadata request names; the call ends with NOT_FOUND and the like otherwise."""

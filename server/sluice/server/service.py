@@ -53,13 +53,21 @@ def to_request(message: pb.PredictRequest) -> InferRequest:
 
 
 def to_response(result: InferResult) -> pb.PredictResponse:
+    response = pb.PredictResponse()
+    fill_response(response, result)
+    return response
+
+
+def fill_response(response: pb.PredictResponse, result: InferResult) -> None:
+    """Writes a result into an empty response, in place: a message built apart and then put in another
+    (a tensor into a response, a response into a stream answer) is copied."""
     servable = result.servable
-    response = pb.PredictResponse(id=result.id, model=servable.name, model_version=servable.version)
-    # Each tensor is made in place: a Tensor built apart would be copied into the response.
+    response.id = result.id
+    response.model = servable.name
+    response.model_version = servable.version
     add = response.outputs.add
     for name, array in result.outputs:
         encode_into(add(), name, array)
-    return response
 
 
 def _priority(message: pb.PredictRequest) -> int:
@@ -88,7 +96,10 @@ class InferenceService:
     async def stream_answer(
         self, message: pb.PredictRequest, deadline: float | None
     ) -> pb.StreamPredictResponse:
-        return pb.StreamPredictResponse(id=message.id, response=await self.predict(message, deadline))
+        result = await self.plane.infer(to_request(message), deadline)
+        answer = pb.StreamPredictResponse(id=message.id)
+        fill_response(answer.response, result)
+        return answer
 
     async def health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
