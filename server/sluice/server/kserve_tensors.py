@@ -144,11 +144,8 @@ def encode_output(
     name: str, array: npt.NDArray[Any]
 ) -> tuple[kpb.ModelInferResponse.InferOutputTensor, bytes]:
     """An output's tensor description and its raw_output_contents entry."""
-    datatype, raw = encode(array)
-    tensor = kpb.ModelInferResponse.InferOutputTensor(
-        name=name, datatype=kserve_type(datatype), shape=array.shape
-    )
-    return tensor, raw
+    tensor = kpb.ModelInferResponse.InferOutputTensor()
+    return tensor, encode_output_into(tensor, name, array)
 
 
 def encode_output_into(

@@ -42,8 +42,9 @@ DataType = int  # a sluice.v1.DataType enum value
 
 def encode(name: str, array: npt.NDArray[np.generic]) -> pb.Tensor:
     """Builds a wire tensor from an array (one copy, into the message's bytes)."""
-    datatype, raw = encode_raw(array)
-    return pb.Tensor(name=name, datatype=datatype, shape=array.shape, raw_contents=raw)  # type: ignore[arg-type]
+    tensor = pb.Tensor()
+    encode_into(tensor, name, array)
+    return tensor
 
 
 def encode_into(tensor: pb.Tensor, name: str, array: npt.NDArray[np.generic]) -> None:
