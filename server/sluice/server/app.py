@@ -20,9 +20,11 @@ from sluice.server.core import DataPlane, Limits, Phase
 from sluice.server.metrics import Metrics
 from sluice.server.probes import NOT_SERVING, Probes
 from sluice.server.repository import ModelRepository, State
+from sluice.server.scheduling import LoopLoad
 from sluice.server.security import BearerToken, server_credentials
 from sluice.server.service import InferenceService
 from sluice.server.settings import ServerSettings
+from sluice.server.spin import LoopSpin
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -51,6 +53,11 @@ class SluiceServer:
         """Share the gRPC port with the other workers of `sluice serve --workers N` (SO_REUSEPORT)."""
         self.metrics = Metrics()
         root = settings.model_repository or bundled_repository()
+        self.spin = LoopSpin(settings.loop_spin_us / 1e6) if settings.loop_spin_us else None
+        self.loop_load = LoopLoad(spin=self.spin)
+        """How busy the event loop is, spinning left out: the adaptive batchers read it, the spinner too."""
+        if self.spin is not None:
+            self.spin.load = self.loop_load
         self.repository = ModelRepository(
             root,
             self.metrics,
@@ -58,6 +65,7 @@ class SluiceServer:
             inference_threads=settings.inference_threads,
             control=settings.model_control,
             grace=settings.grace_period_s,
+            loop_load=self.loop_load,
         )
         self.plane = DataPlane(
             self.repository,
@@ -68,6 +76,7 @@ class SluiceServer:
                 max_streams=settings.max_streams,
                 stream_window=settings.stream_window,
             ),
+            self.spin,
         )
         self.service = InferenceService(self.plane)
         self.probes = Probes()
@@ -163,13 +172,14 @@ class SluiceServer:
                 exc.setting = "http_port"  # type: ignore[attr-defined]
                 raise
         log.info(
-            "serving repository=%s grpc=%s%s metrics=%s",
+            "serving repository=%s grpc=%s%s metrics=%s loop_spin_us=%d",
             self.repository.root,
             self.address,
             f" unix:{self.settings.unix_socket}" if self.settings.unix_socket else "",
             f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics"
             if self.metrics_port
             else "off",
+            self.settings.loop_spin_us,
         )
         if self._loading is None:
             self._loading = asyncio.create_task(self._load())

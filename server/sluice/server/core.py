@@ -30,6 +30,7 @@ from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
 from sluice.server.repository import ModelRepository, State
+from sluice.server.spin import LoopSpin
 from sluice.server.tensors import densify, sparse_parts
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, type_name
@@ -136,7 +137,10 @@ class Limits:
 class DataPlane:
     """Model lookup, admission, input checks, the pipeline, and counting, for every door."""
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics, limits: Limits) -> None:
+    def __init__(
+        self, repository: ModelRepository, metrics: Metrics, limits: Limits, spin: LoopSpin | None = None
+    ) -> None:
+        """`spin`, when given, keeps the event loop polling for a while after each arrival."""
         self.repository = repository
         self.metrics = metrics
         self.limits = limits
@@ -148,6 +152,7 @@ class DataPlane:
         self._cutting = False
         self.last_arrival = 0.0
         """When the last call, stream or stream message arrived (time.monotonic())."""
+        self._spin = spin
 
     # -- the server's state ---------------------------------------------------------------------------
 
@@ -186,7 +191,9 @@ class DataPlane:
 
     def enter(self) -> None:
         """Admits one unary call or stream message, or refuses it before any of it is decoded."""
-        self.last_arrival = time.monotonic()
+        self.last_arrival = now = time.monotonic()
+        if self._spin is not None:
+            self._spin.arrived(now)
         if self.phase is Phase.CLOSING:
             raise unavailable(SHUTTING_DOWN)
         if self.inflight >= self.limits.max_inflight:

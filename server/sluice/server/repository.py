@@ -149,7 +149,10 @@ class ModelRepository:
         inference_threads: int,
         control: Control = "none",
         grace: float = 10.0,
+        loop_load: LoopLoad | None = None,
     ) -> None:
+        """`loop_load` measures how busy the event loop is, for the adaptive batchers (the server's own,
+        which leaves the loop's spinning out; by default a new one)."""
         self.root = root
         self.metrics = metrics
         self.max_bytes = max_bytes
@@ -172,7 +175,7 @@ class ModelRepository:
         metrics.model_states = self._state_samples
         self.loaded = False
         self.thread_hop = 0.0
-        self.loop_load = LoopLoad()
+        self.loop_load = loop_load if loop_load is not None else LoopLoad()
 
     # -- start-up ---------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from sluice.batcher import (
     QueueFullError,
 )
 from sluice.server.model import LoadedModel
+from sluice.server.spin import LoopSpin
 
 Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -271,17 +272,23 @@ class LoopLoad:
     idle one (where waiting for company only adds latency). Call it only on the loop's thread.
     """
 
-    def __init__(self, window: float = 0.05) -> None:
+    def __init__(self, window: float = 0.05, spin: LoopSpin | None = None) -> None:
+        """`spin`, when given, is the loop's spinner: the time the loop spent only spinning is not load."""
         self._window = window
+        self._spin = spin
         self._wall = time.monotonic()
-        self._cpu = time.thread_time()
+        self._cpu = self._busy()
         self.value = 0.0
+
+    def _busy(self) -> float:
+        spin = self._spin
+        return time.thread_time() - (spin.spun if spin is not None else 0.0)
 
     def __call__(self) -> float:
         now = time.monotonic()
         elapsed = now - self._wall
         if elapsed >= self._window:
-            cpu = time.thread_time()
-            self.value = (cpu - self._cpu) / elapsed
+            cpu = self._busy()
+            self.value = max(cpu - self._cpu, 0.0) / elapsed
             self._wall, self._cpu = now, cpu
         return self.value

@@ -115,6 +115,15 @@ class ServerSettings(BaseSettings):
         description="Server processes sharing the gRPC port (SO_REUSEPORT, Linux only), each with its own "
         "models and an equal share of inference_threads, restarted when one dies; auto: one per CPU core.",
     )
+    loop_spin_us: int = Field(
+        default=1000,
+        ge=0,
+        le=1_000_000,
+        description="Microseconds the event loop keeps polling instead of sleeping after each request "
+        "arrives, so that the next one finds the CPU's caches warm (on a VM about 0.2 ms less per request "
+        "at one caller); costs up to one core while requests come closer together than this, nothing when "
+        "idle; 0 turns it off (under a tight CPU quota, or where CPU use drives autoscaling).",
+    )
     reflection: bool = Field(
         default=True,
         description="Serve gRPC server reflection, so grpcurl and similar tools work without the .proto "
