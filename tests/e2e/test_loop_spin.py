@@ -15,6 +15,7 @@ import numpy as np
 from sluice.server.app import SluiceServer
 from sluice.server.scheduling import LoopLoad
 from sluice.server.settings import ServerSettings
+from sluice.server.spin import LoopSpin
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import add_digits, request
@@ -80,3 +81,19 @@ async def test_zero_turns_it_off(tmp_path: Path) -> None:
         await stub.Predict(_digit())
         assert server.spin is None
         assert await _cpu_while_idle(0.2) < 0.05
+
+
+async def test_no_spinning_while_a_run_computes_in_a_worker_thread() -> None:
+    # The worker thread and ONNX Runtime's pool need the cores the loop would spin on.
+    spin = LoopSpin(10.0)
+    spin.arrived(time.monotonic())
+    assert spin.spinning
+    spin.hold()
+    await asyncio.sleep(0.01)
+    assert not spin.spinning
+    spin.arrived(time.monotonic())
+    await asyncio.sleep(0.01)
+    assert not spin.spinning
+    # The run's answer goes out and the next request comes soon: the loop spins again until then.
+    spin.release()
+    assert spin.spinning

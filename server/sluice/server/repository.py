@@ -327,7 +327,7 @@ class ModelRepository:
         name, config = context.model, context.config
         model = load_model(context)
         inline = config.execution.inline_max_us
-        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6)
+        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6, self.loop_load.spin)
         scheduler = make_scheduler(runner, self.metrics.model(name, context.version), self.loop_load)
         try:
             servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)

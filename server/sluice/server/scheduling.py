@@ -90,9 +90,12 @@ class ModelRunner:
     behind the busy loop and grow slower still.
     """
 
-    def __init__(self, model: LoadedModel, inline_limit: float) -> None:
+    def __init__(self, model: LoadedModel, inline_limit: float, spin: LoopSpin | None = None) -> None:
+        """`spin`, the event loop's spinner if it has one, pauses while a batch computes in a worker
+        thread: that thread and ONNX Runtime's pool need the cores the loop would spin on."""
         self.model = model
         self.inline_limit = inline_limit
+        self._spin = spin
         self.executor = ThreadPoolExecutor(
             max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
         )
@@ -127,7 +130,14 @@ class ModelRunner:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
+        spin = self._spin
+        if spin is None:
+            return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
+        spin.hold()
+        try:
+            return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
+        finally:
+            spin.release()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -275,13 +285,13 @@ class LoopLoad:
     def __init__(self, window: float = 0.05, spin: LoopSpin | None = None) -> None:
         """`spin`, when given, is the loop's spinner: the time the loop spent only spinning is not load."""
         self._window = window
-        self._spin = spin
+        self.spin = spin
         self._wall = time.monotonic()
         self._cpu = self._busy()
         self.value = 0.0
 
     def _busy(self) -> float:
-        spin = self._spin
+        spin = self.spin
         return time.thread_time() - (spin.spun if spin is not None else 0.0)
 
     def __call__(self) -> float:

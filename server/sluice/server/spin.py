@@ -8,9 +8,10 @@ one callback that schedules itself again, so each pass of the loop polls its soc
 
 It costs at most one core, and only while requests keep coming less than the window apart; an idle server
 sleeps as before. A loop busy with requests already sleeps little, and its spinning would take CPU from
-whatever shares the machine (a second worker, ONNX Runtime's threads), so the loop spins only while it is
-less than BUSY busy. The time the loop spends only spinning is counted (`spun`), so that the measure of a
-busy loop (`LoopLoad`, which the adaptive batcher reads too) does not take spinning for load.
+whatever shares the machine (a second worker, the clients), so the loop spins only while it is less than
+BUSY busy; nor does it spin while a batch computes in a worker thread (`hold`): that run needs the cores.
+The time the loop spends only spinning is counted (`spun`), so that the measure of a busy loop (`LoopLoad`,
+which the adaptive batcher reads too) does not take spinning for load.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class LoopSpin:
         self._until = 0.0
         self._last = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # set while spinning
+        self._held = 0  # runs computing in worker threads
         self.load: Callable[[], float] | None = None
         """The loop's busy fraction with the spinning left out (a `LoopLoad` made with this spinner);
         unset, the loop spins at any load."""
@@ -46,7 +48,23 @@ class LoopSpin:
     def arrived(self, now: float) -> None:
         """A request arrived at `now` (time.monotonic()): keep spinning until `now + window`."""
         self._until = now + self.window
-        if self._loop is None and self.window > 0 and (self.load is None or self.load() < BUSY):
+        if self._loop is None:
+            self._start(now)
+
+    def hold(self) -> None:
+        """A run starts computing in a worker thread: no spinning until it ends (`release`)."""
+        self._held += 1
+
+    def release(self) -> None:
+        """The run ended: spinning resumes if the last arrival is less than the window ago."""
+        self._held -= 1
+        if self._loop is None:
+            now = time.monotonic()
+            if now < self._until:
+                self._start(now)
+
+    def _start(self, now: float) -> None:
+        if self.window > 0 and not self._held and (self.load is None or self.load() < BUSY):
             self._loop = asyncio.get_running_loop()
             self._last = now
             self._loop.call_soon(self._pass)
@@ -63,6 +81,7 @@ class LoopSpin:
             now < self._until
             and loop is not None
             and not loop.is_closed()
+            and not self._held
             and (load is None or load() < BUSY)
         ):
             loop.call_soon(self._pass)
