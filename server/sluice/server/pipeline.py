@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +19,8 @@ from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocesso
 from sluice.server.scheduling import ModelRunner, Scheduler
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import datatype_of, format_shape, numpy_dtype, type_name
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("sluice.server")
 
@@ -68,6 +70,19 @@ class Servable:
             else None
         )
 
+    async def _in_thread(self, step: Callable[..., _T], *args: Any) -> _T:
+        """Runs a plugin step in the plugin pool; the event loop does not spin meanwhile (the step's
+        thread needs the core, and the GIL for its Python parts)."""
+        assert self._plugins is not None
+        spin = self.runner.spin
+        if spin is not None:
+            spin.hold()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._plugins, step, *args)
+        finally:
+            if spin is not None:
+                spin.release()
+
     async def infer(
         self,
         inputs: Arrays,
@@ -81,13 +96,12 @@ class Servable:
         if self._plugins is None:
             outputs = await self.scheduler.submit(inputs, priority=priority, deadline=deadline)
         else:
-            loop = asyncio.get_running_loop()
             feeds = inputs
             if self.preprocessors:
-                feeds = await loop.run_in_executor(self._plugins, self._preprocess, inputs)
+                feeds = await self._in_thread(self._preprocess, inputs)
             outputs = await self.scheduler.submit(feeds, priority=priority, deadline=deadline)
             if self.postprocessors:
-                outputs = await loop.run_in_executor(self._plugins, self._postprocess, dict(outputs), feeds)
+                outputs = await self._in_thread(self._postprocess, dict(outputs), feeds)
         size = 0
         for name in names:
             size += outputs[name].nbytes

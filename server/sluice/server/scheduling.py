@@ -95,7 +95,7 @@ class ModelRunner:
         thread: that thread and ONNX Runtime's pool need the cores the loop would spin on."""
         self.model = model
         self.inline_limit = inline_limit
-        self._spin = spin
+        self.spin = spin
         self.executor = ThreadPoolExecutor(
             max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
         )
@@ -130,7 +130,7 @@ class ModelRunner:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
-        spin = self._spin
+        spin = self.spin
         if spin is None:
             return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
         spin.hold()
