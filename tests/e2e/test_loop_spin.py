@@ -1,9 +1,12 @@
-"""`loop_spin_us`: after a request the event loop polls for that long instead of sleeping, then sleeps; an
-idle server uses no CPU, and the batcher does not take the spinning for load."""
+"""`loop_spin_us`: once every request in flight is answered, the event loop polls for the next one for that
+long instead of sleeping, if requests have been coming that close together; then it sleeps. An idle server
+or a sparse caller costs no CPU, a worker thread's run gets the cores, and the batcher does not take the
+spinning for load."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from sluice.server.app import SluiceServer
 from sluice.server.scheduling import LoopLoad
@@ -18,12 +22,12 @@ from sluice.server.settings import ServerSettings
 from sluice.server.spin import LoopSpin
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
+from stress.harness import gated_model
 from support import add_digits, request
 
 
 @asynccontextmanager
 async def _server(repo: Path, spin_us: int) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
-    add_digits(repo)
     server = SluiceServer(
         ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1, loop_spin_us=spin_us)
     )
@@ -34,6 +38,11 @@ async def _server(repo: Path, spin_us: int) -> AsyncIterator[tuple[SluiceServer,
             yield server, pb_grpc.InferenceStub(channel)
     finally:
         await server.stop(0)
+
+
+def _digits(repo: Path) -> Path:
+    add_digits(repo)
+    return repo
 
 
 def _digit() -> pb.PredictRequest:
@@ -47,53 +56,115 @@ async def _cpu_while_idle(seconds: float) -> float:
     return time.thread_time() - before
 
 
-async def test_the_loop_sleeps_again_once_requests_stop(tmp_path: Path) -> None:
-    async with _server(tmp_path / "repo", spin_us=1000) as (server, stub):
-        for _ in range(20):
+async def test_a_caller_sending_back_to_back_keeps_the_loop_spinning_then_it_sleeps(tmp_path: Path) -> None:
+    async with _server(_digits(tmp_path / "repo"), spin_us=200_000) as (server, stub):
+        spin = server.spin
+        assert spin is not None
+        for _ in range(5):
             await stub.Predict(_digit())
-        # 1 ms after the last request the loop sleeps: a quarter second of idleness costs (almost) no CPU.
+        # Answered, and the requests came close together: the loop polls for the next one.
+        assert spin.spinning
+        spun = spin.spun
         await asyncio.sleep(0.05)
-        assert server.spin is not None
-        assert not server.spin.spinning
+        assert spin.spun - spun > 0.005
+        # Once the window has passed without a request the loop sleeps: idleness costs (almost) no CPU.
+        await asyncio.sleep(0.25)
+        assert not spin.spinning
         assert await _cpu_while_idle(0.25) < 0.05
 
 
-async def test_spinning_is_not_read_as_load(tmp_path: Path) -> None:
-    # A window far longer than the test's sleeps, so the loop spins through all of them.
-    async with _server(tmp_path / "repo", spin_us=900_000) as (server, stub):
-        await stub.Predict(_digit())
+async def test_a_sparse_caller_costs_no_spinning(tmp_path: Path) -> None:
+    async with _server(_digits(tmp_path / "repo"), spin_us=20_000) as (server, stub):
         spin = server.spin
         assert spin is not None
-        assert spin.spinning
-        spun = spin.spun
-        measured = LoopLoad(window=0.01, spin=spin)
-        await asyncio.sleep(0.2)
-        busy = measured()
-        assert spin.spinning
-        # The loop did spin (its thread ran), but the batcher's measure of a busy loop sees it idle: a
-        # spinning loop must not make the adaptive policy hold requests back for company.
-        assert spin.spun - spun > 0.02
-        assert busy < 0.3, busy
+        for _ in range(3):
+            await asyncio.sleep(0.05)  # further apart than the window: spinning could not catch the next
+            await stub.Predict(_digit())
+            assert not spin.spinning
+        assert spin.spun == 0.0
 
 
 async def test_zero_turns_it_off(tmp_path: Path) -> None:
-    async with _server(tmp_path / "repo", spin_us=0) as (server, stub):
-        await stub.Predict(_digit())
+    async with _server(_digits(tmp_path / "repo"), spin_us=0) as (server, stub):
+        for _ in range(5):
+            await stub.Predict(_digit())
         assert server.spin is None
         assert await _cpu_while_idle(0.2) < 0.05
 
 
-async def test_no_spinning_while_a_run_computes_in_a_worker_thread() -> None:
-    # The worker thread and ONNX Runtime's pool need the cores the loop would spin on.
+async def test_spinning_is_not_read_as_load_but_work_while_spinning_is(tmp_path: Path) -> None:
+    # A window far longer than the test's sleeps, so the loop spins through all of them.
+    async with _server(_digits(tmp_path / "repo"), spin_us=900_000) as (server, stub):
+        await stub.Predict(_digit())
+        await stub.Predict(_digit())
+        spin = server.spin
+        assert spin is not None
+        assert spin.spinning
+        measured = LoopLoad(window=0.01, spin=spin)
+        await asyncio.sleep(0.2)
+        # A spinning loop must not look busy, or the adaptive policy would hold requests back for company.
+        assert measured() < 0.3
+        assert spin.spinning
+
+        # Work the loop does between passes (here 30 us of every 100 us) is load, even while it spins.
+        loop = asyncio.get_running_loop()
+        end = time.monotonic() + 0.2
+
+        def work() -> None:
+            started = time.thread_time()
+            while time.thread_time() - started < 30e-6:
+                pass
+            if time.monotonic() < end:
+                loop.call_later(70e-6, work)
+
+        measured()
+        loop.call_soon(work)
+        await asyncio.sleep(0.2)
+        assert measured() > 0.1
+
+
+async def test_no_spinning_while_a_run_computes_in_a_worker_thread(tmp_path: Path) -> None:
+    # The run's thread needs the core; it keeps computing after its caller's deadline has passed, and the
+    # loop must not start spinning beside it then either.
+    repo = tmp_path / "repo"
+    gate = tmp_path / "gate"
+    config = gated_model(repo, gate) / "config.toml"
+    # Adaptive: a lone request runs in its caller's task, which the deadline cancels while the run goes on.
+    config.write_text(config.read_text().replace('policy = "fixed"', 'policy = "adaptive"'))
+    async with _server(repo, spin_us=900_000) as (server, stub):
+        spin = server.spin
+        assert spin is not None
+        ones = request("gated", x=np.ones((1, 4), np.float32))
+        zeros = request("gated", x=np.zeros((1, 4), np.float32))
+        await stub.Predict(zeros)
+        await stub.Predict(zeros)
+        assert spin.spinning  # two close requests: the loop spins for the next
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Predict(ones, timeout=0.3)
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Nothing in flight any more, but the gated run still computes in its thread.
+        await asyncio.sleep(0.05)
+        assert server.plane.inflight == 0
+        assert not spin.spinning
+        gate.touch()
+        await stub.Predict(zeros)
+        await stub.Predict(zeros)
+        assert spin.spinning
+
+
+async def test_hold_is_released_by_the_thread_not_by_the_waiter() -> None:
     spin = LoopSpin(10.0)
+    work: concurrent.futures.Future[None] = concurrent.futures.Future()
+    spin.hold(work)
+    work.add_done_callback(spin.release)
     spin.arrived(time.monotonic())
+    spin.arrived(time.monotonic())  # close together
+    spin.idle(time.monotonic())
+    assert not spin.spinning
+    work.set_result(None)
+    spin.arrived(time.monotonic())
+    spin.idle(time.monotonic())
     assert spin.spinning
-    spin.hold()
+    spin.arrived(time.monotonic())  # a request: the loop has work, so the spinning ends at its next pass
     await asyncio.sleep(0.01)
     assert not spin.spinning
-    spin.arrived(time.monotonic())
-    await asyncio.sleep(0.01)
-    assert not spin.spinning
-    # The run's answer goes out and the next request comes soon: the loop spins again until then.
-    spin.release()
-    assert spin.spinning

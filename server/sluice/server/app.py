@@ -55,9 +55,7 @@ class SluiceServer:
         root = settings.model_repository or bundled_repository()
         self.spin = LoopSpin(settings.loop_spin_us / 1e6) if settings.loop_spin_us else None
         self.loop_load = LoopLoad(spin=self.spin)
-        """How busy the event loop is, spinning left out: the adaptive batchers read it, the spinner too."""
-        if self.spin is not None:
-            self.spin.load = self.loop_load
+        """How busy the event loop is, spinning left out: the adaptive batchers read it."""
         self.repository = ModelRepository(
             root,
             self.metrics,

@@ -140,7 +140,8 @@ class DataPlane:
     def __init__(
         self, repository: ModelRepository, metrics: Metrics, limits: Limits, spin: LoopSpin | None = None
     ) -> None:
-        """`spin`, when given, keeps the event loop polling for a while after each arrival."""
+        """`spin`, when given, keeps the event loop polling for the next request for a while after the
+        last one in flight is answered."""
         self.repository = repository
         self.metrics = metrics
         self.limits = limits
@@ -192,8 +193,6 @@ class DataPlane:
     def enter(self) -> None:
         """Admits one unary call or stream message, or refuses it before any of it is decoded."""
         self.last_arrival = now = time.monotonic()
-        if self._spin is not None:
-            self._spin.arrived(now)
         if self.phase is Phase.CLOSING:
             raise unavailable(SHUTTING_DOWN)
         if self.inflight >= self.limits.max_inflight:
@@ -203,12 +202,17 @@ class DataPlane:
                 "(max_inflight, SLUICE_MAX_INFLIGHT); retry with backoff or on another replica"
             )
         self.inflight += 1
+        if self.inflight == 1 and self._spin is not None:
+            self._spin.arrived(now)
 
     def leave(self) -> None:
         """One admitted call or stream message has its answer."""
         self.inflight -= 1
-        if self.inflight == 0 and self._idle is not None:
-            self._idle.set()
+        if self.inflight == 0:
+            if self._idle is not None:
+                self._idle.set()
+            if self._spin is not None:
+                self._spin.idle(time.monotonic())
 
     def open_stream(self) -> None:
         """Admits one stream, or refuses it."""

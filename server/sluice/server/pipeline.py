@@ -74,14 +74,12 @@ class Servable:
         """Runs a plugin step in the plugin pool; the event loop does not spin meanwhile (the step's
         thread needs the core, and the GIL for its Python parts)."""
         assert self._plugins is not None
+        work = self._plugins.submit(step, *args)
         spin = self.runner.spin
         if spin is not None:
-            spin.hold()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._plugins, step, *args)
-        finally:
-            if spin is not None:
-                spin.release()
+            spin.hold(work)
+            work.add_done_callback(spin.release)
+        return await asyncio.wrap_future(work)
 
     async def infer(
         self,

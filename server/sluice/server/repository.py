@@ -285,6 +285,10 @@ class ModelRepository:
             sessions=self._sessions(),
         )
         started = time.monotonic()
+        # The loop does not spin while a model loads, warms up and is timed beside the ones serving.
+        spin, loading = self.loop_load.spin, object()
+        if spin is not None:
+            spin.hold(loading)
         try:
             servable = await asyncio.to_thread(self._build, context)
         except LoadError as exc:
@@ -295,6 +299,9 @@ class ModelRepository:
         except Exception:
             log.exception("model %s version %d (%s) failed to load", name, version, path)
             return None, "unexpected error while loading; the server log has the details"
+        finally:
+            if spin is not None:
+                spin.release(loading)
         servable.scheduler.start()
         self.metrics.model(name, version).schedulers.append(servable.scheduler)
         model = servable.model

@@ -133,11 +133,12 @@ class ModelRunner:
         spin = self.spin
         if spin is None:
             return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
-        spin.hold()
-        try:
-            return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
-        finally:
-            spin.release()
+        # Released when the thread is done, not when this task stops waiting for it (a deadline, a caller
+        # leaving): the run goes on computing either way.
+        work = self.executor.submit(self.model.run, instance, feeds)
+        spin.hold(work)
+        work.add_done_callback(spin.release)
+        return await asyncio.wrap_future(work, loop=loop)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

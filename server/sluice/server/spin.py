@@ -1,73 +1,76 @@
-"""Keeping the event loop awake between requests that come close together.
+"""Keeping the event loop awake for the next request when requests come close together.
 
 A thread that waits in epoll halts its core; on a virtual machine the host then runs something else there.
-The next request finds every cache cold and pays for it in full: measured on a 2-core VM, one caller's
-request cost the server 250 us of CPU against 80 us for the same request on a loop that never slept (see
-benchmarks/RESULTS.md). So for `loop_spin_us` after each request arrives the loop polls instead of sleeping:
-one callback that schedules itself again, so each pass of the loop polls its sockets without a timeout.
+The next request finds every cache cold and pays for it in full: measured on a 2-core VM, the loop thread
+spent 250 us of CPU on a lone caller's request after such a sleep against 80 us for the same request on a
+loop that had not slept (see benchmarks/RESULTS.md). So when the server has answered every request in
+flight, the loop polls for the next one for up to `loop_spin_us` instead of sleeping: one callback that
+schedules itself again, so each pass of the loop polls its sockets without a timeout.
 
-It costs at most one core, and only while requests keep coming less than the window apart; an idle server
-sleeps as before. A loop busy with requests already sleeps little, and its spinning would take CPU from
-whatever shares the machine (a second worker, the clients), so the loop spins only while it is less than
-BUSY busy; nor does it spin while a batch computes in a worker thread (`hold`): that run needs the cores.
+It spins only where that can pay:
+- after the last request in flight is answered, and only if the previous such pause ended with a request
+  within the window: a sparse caller (requests further apart than the window) costs nothing, and a busy
+  server (always something in flight) never spins, leaving the cores to whatever shares them;
+- not while a run or a plugin step computes in a worker thread (`hold`): that thread needs the core, and the
+  GIL for its Python parts.
 The time the loop spends only spinning is counted (`spun`), so that the measure of a busy loop (`LoopLoad`,
-which the adaptive batcher reads too) does not take spinning for load.
+which the adaptive batcher reads) does not take spinning for load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Hashable
 
-IDLE_PASS = 50e-6
-"""A pass of the loop shorter than this ran nothing but the spin (a request takes longer)."""
-BUSY = 0.5
-"""The busy fraction of the loop (spinning left out) from which it no longer spins."""
+IDLE_PASS = 10e-6
+"""A pass of the loop shorter than this ran nothing but the spin: a bare pass takes 1 to 3 us (uvloop) or 2
+to 6 us (asyncio's loop); any real work, even one of gRPC's short steps, counts as work."""
 
 
 class LoopSpin:
-    """Polls the event loop for `window` seconds after the last `arrived()`, instead of letting it sleep."""
+    """Polls the event loop for up to `window` seconds after the server goes idle (`idle()`), until a
+    request arrives (`arrived()`)."""
 
     def __init__(self, window: float) -> None:
         self.window = window
         self.spun = 0.0
         """Seconds the loop has spent spinning with nothing else to do, in all."""
+        self._idle_since = -window  # when the server last answered its last request in flight
+        self._close = False  # the last pause ended with a request within the window
         self._until = 0.0
         self._last = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # set while spinning
-        self._held = 0  # runs computing in worker threads
-        self.load: Callable[[], float] | None = None
-        """The loop's busy fraction with the spinning left out (a `LoopLoad` made with this spinner);
-        unset, the loop spins at any load."""
+        self._threads: set[Hashable] = set()  # work computing in worker threads (`hold`)
 
     @property
     def spinning(self) -> bool:
-        return self._loop is not None
+        return self._loop is not None and not self._loop.is_closed()
 
     def arrived(self, now: float) -> None:
-        """A request arrived at `now` (time.monotonic()): keep spinning until `now + window`."""
+        """A request arrived at `now` (time.monotonic()) with none in flight: the loop has work, so the
+        spinning (if any) ends at its next pass."""
+        self._close = now - self._idle_since < self.window
+        self._until = 0.0
+
+    def idle(self, now: float) -> None:
+        """The last request in flight was answered at `now`: spin for the next one, if they come close."""
+        self._idle_since = now
+        if not self._close or self._threads or self.window <= 0:
+            return
         self._until = now + self.window
-        if self._loop is None:
-            self._start(now)
-
-    def hold(self) -> None:
-        """A run starts computing in a worker thread: no spinning until it ends (`release`)."""
-        self._held += 1
-
-    def release(self) -> None:
-        """The run ended: spinning resumes if the last arrival is less than the window ago."""
-        self._held -= 1
-        if self._loop is None:
-            now = time.monotonic()
-            if now < self._until:
-                self._start(now)
-
-    def _start(self, now: float) -> None:
-        if self.window > 0 and not self._held and (self.load is None or self.load() < BUSY):
+        if not self.spinning:
             self._loop = asyncio.get_running_loop()
             self._last = now
             self._loop.call_soon(self._pass)
+
+    def hold(self, work: Hashable) -> None:
+        """`work` computes in a worker thread: no spinning until `release(work)`."""
+        self._threads.add(work)
+
+    def release(self, work: Hashable) -> None:
+        """`work` ended. Safe to call from any thread (a concurrent future's done callback, say)."""
+        self._threads.discard(work)
 
     def _pass(self) -> None:
         now = time.monotonic()
@@ -75,15 +78,7 @@ class LoopSpin:
         self._last = now
         if step < IDLE_PASS:
             self.spun += step
-        loop = self._loop
-        load = self.load
-        if (
-            now < self._until
-            and loop is not None
-            and not loop.is_closed()
-            and not self._held
-            and (load is None or load() < BUSY)
-        ):
-            loop.call_soon(self._pass)
+        if now < self._until and not self._threads and self._loop is not None:
+            self._loop.call_soon(self._pass)
         else:
             self._loop = None
