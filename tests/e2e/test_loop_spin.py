@@ -49,6 +49,14 @@ def _digit() -> pb.PredictRequest:
     return request("digits", pixels=np.zeros((1, 64), np.float32))
 
 
+async def _until_inflight(server: SluiceServer, count: int) -> None:
+    for _ in range(1000):
+        if server.plane.inflight >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never {count} requests in flight")
+
+
 async def _cpu_while_idle(seconds: float) -> float:
     """CPU seconds this thread (the event loop's) used while the test slept."""
     before = time.thread_time()
@@ -168,3 +176,31 @@ async def test_hold_is_released_by_the_thread_not_by_the_waiter() -> None:
     spin.arrived(time.monotonic())  # a request: the loop has work, so the spinning ends at its next pass
     await asyncio.sleep(0.01)
     assert not spin.spinning
+
+
+async def test_concurrent_callers_do_not_make_the_loop_spin(tmp_path: Path) -> None:
+    # With requests overlapping, the server's empty moments are when its callers and gRPC's threads are
+    # busy: spinning then would take their CPU.
+    repo = tmp_path / "repo"
+    gate = tmp_path / "gate"
+    gated_model(repo, gate)
+    async with _server(repo, spin_us=900_000) as (server, stub):
+        spin = server.spin
+        assert spin is not None
+        ones = request("gated", x=np.ones((1, 4), np.float32))
+        zeros = request("gated", x=np.zeros((1, 4), np.float32))
+        await stub.Predict(zeros)
+        await stub.Predict(zeros)
+        assert spin.spinning  # a lone caller, back to back
+        held = asyncio.ensure_future(stub.Predict(ones))
+        await _until_inflight(server, 1)
+        overlapping = asyncio.ensure_future(stub.Predict(zeros))
+        await _until_inflight(server, 2)
+        gate.touch()
+        await asyncio.gather(held, overlapping)
+        assert server.plane.inflight == 0
+        assert not spin.spinning
+        # A lone caller again: the loop spins again.
+        await stub.Predict(zeros)
+        await stub.Predict(zeros)
+        assert spin.spinning

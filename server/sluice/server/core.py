@@ -202,8 +202,11 @@ class DataPlane:
                 "(max_inflight, SLUICE_MAX_INFLIGHT); retry with backoff or on another replica"
             )
         self.inflight += 1
-        if self.inflight == 1 and self._spin is not None:
-            self._spin.arrived(now)
+        if self.inflight <= 2 and self._spin is not None:
+            if self.inflight == 1:
+                self._spin.arrived(now)
+            else:
+                self._spin.crowded()
 
     def leave(self) -> None:
         """One admitted call or stream message has its answer."""
