@@ -120,12 +120,12 @@ class ServerSettings(BaseSettings):
         ge=0,
         le=1_000_000,
         description=(
-            "Microseconds the event loop keeps polling for the next request, instead of sleeping, once "
-            "every request in flight is answered, so that it finds the CPU's caches warm (on a VM about "
-            "0.3 ms less per request at one caller). Only when requests have been coming closer together "
-            "than this, never while a worker thread computes; costs up to one core per process while a "
-            "caller sends back to back, nothing when idle or saturated. 0 turns it off (under a tight CPU "
-            "quota, or where CPU use drives autoscaling)."
+            "Microseconds the event loop keeps polling for a lone caller's next request, instead of "
+            "sleeping, once its last one is answered, so that it finds the CPU's caches warm (on a VM about "
+            "0.3 ms less per request at one caller). Not with concurrent callers, not for callers further "
+            "apart than this, never while a worker thread computes; costs up to one core per process while "
+            "one caller sends back to back. 0 turns it off (under a tight CPU quota, or where CPU use drives "
+            "autoscaling)."
         ),
     )
     reflection: bool = Field(
