@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,8 +52,10 @@ def _digit() -> pb.PredictRequest:
 
 
 async def _until_inflight(server: SluiceServer, count: int) -> None:
+    """Waits (boundedly) until `count` requests are in flight: at least that many, or none for 0."""
     for _ in range(1000):
-        if server.plane.inflight >= count:
+        inflight = server.plane.inflight
+        if (inflight >= count) if count else inflight == 0:
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"never {count} requests in flight")
@@ -151,8 +155,8 @@ async def test_no_spinning_while_a_run_computes_in_a_worker_thread(tmp_path: Pat
             await stub.Predict(ones, timeout=0.3)
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # Nothing in flight any more, but the gated run still computes in its thread.
-        await asyncio.sleep(0.05)
-        assert server.plane.inflight == 0
+        await _until_inflight(server, 0)
+        await asyncio.sleep(0.01)
         assert not spin.spinning
         gate.touch()
         await stub.Predict(zeros)
@@ -162,16 +166,26 @@ async def test_no_spinning_while_a_run_computes_in_a_worker_thread(tmp_path: Pat
 
 async def test_hold_is_released_by_the_thread_not_by_the_waiter() -> None:
     spin = LoopSpin(10.0)
-    work: concurrent.futures.Future[None] = concurrent.futures.Future()
-    spin.hold(work)
-    work.add_done_callback(spin.release)
-    spin.arrived(time.monotonic())
-    spin.arrived(time.monotonic())  # close together
-    spin.idle(time.monotonic())
-    assert not spin.spinning
-    work.set_result(None)
-    spin.arrived(time.monotonic())
-    spin.idle(time.monotonic())
+    now = time.monotonic()
+    spin.idle(now)
+    spin.arrived(now)  # a request right after a pause: the loop would spin at the next one
+    go = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        work = pool.submit(go.wait, 10.0)
+        spin.hold(work)
+        work.add_done_callback(spin.release)
+        waiter = asyncio.ensure_future(asyncio.wrap_future(work))
+        await asyncio.sleep(0)
+        waiter.cancel()  # the caller stops waiting (a deadline); the thread goes on computing
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        spin.idle(time.monotonic())
+        assert not spin.spinning
+        go.set()
+        work.result(timeout=10.0)
+    now = time.monotonic()
+    spin.arrived(now)
+    spin.idle(now)
     assert spin.spinning
     spin.arrived(time.monotonic())  # a request: the loop has work, so the spinning ends at its next pass
     await asyncio.sleep(0.01)
@@ -204,3 +218,29 @@ async def test_concurrent_callers_do_not_make_the_loop_spin(tmp_path: Path) -> N
         await stub.Predict(zeros)
         await stub.Predict(zeros)
         assert spin.spinning
+
+
+async def test_a_stream_counts_like_calls(tmp_path: Path) -> None:
+    # One message at a time is a lone caller; messages overlapping on the stream are concurrent callers.
+    repo = tmp_path / "repo"
+    gate = tmp_path / "gate"
+    gated_model(repo, gate)
+    async with _server(repo, spin_us=900_000) as (server, stub):
+        spin = server.spin
+        assert spin is not None
+        call = stub.StreamPredict()
+        zeros = request("gated", x=np.zeros((1, 4), np.float32))
+        for _ in range(2):
+            await call.write(zeros)
+            assert (await call.read()).code == 0
+        assert spin.spinning
+        await call.write(request("gated", x=np.ones((1, 4), np.float32)))
+        await _until_inflight(server, 1)
+        await call.write(zeros)
+        await _until_inflight(server, 2)
+        gate.touch()
+        for _ in range(2):
+            assert (await call.read()).code == 0
+        await _until_inflight(server, 0)
+        assert not spin.spinning
+        await call.done_writing()

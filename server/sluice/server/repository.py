@@ -285,12 +285,8 @@ class ModelRepository:
             sessions=self._sessions(),
         )
         started = time.monotonic()
-        # The loop does not spin while a model loads, warms up and is timed beside the ones serving.
-        spin, loading = self.loop_load.spin, object()
-        if spin is not None:
-            spin.hold(loading)
         try:
-            servable = await asyncio.to_thread(self._build, context)
+            servable = await self._build_in_thread(context)
         except LoadError as exc:
             # The cause (a model's load() or warm-up raising, say) keeps its traceback in the log.
             log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc,
@@ -299,9 +295,6 @@ class ModelRepository:
         except Exception:
             log.exception("model %s version %d (%s) failed to load", name, version, path)
             return None, "unexpected error while loading; the server log has the details"
-        finally:
-            if spin is not None:
-                spin.release(loading)
         servable.scheduler.start()
         self.metrics.model(name, version).schedulers.append(servable.scheduler)
         model = servable.model
@@ -312,6 +305,32 @@ class ModelRepository:
             model.spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
         return servable, ""
+
+    async def _build_in_thread(self, context: PluginContext) -> Servable:
+        """`_build` in a worker thread. The event loop does not spin beside it (a model loading, warming up
+        and being timed needs the cores): the hold ends when the thread is done, or when the build is
+        cancelled before its thread started."""
+        spin = self.loop_load.spin
+        if spin is None:
+            return await asyncio.to_thread(self._build, context)
+        loading = object()
+        started = False
+
+        def build() -> Servable:
+            nonlocal started
+            started = True
+            try:
+                return self._build(context)
+            finally:
+                spin.release(loading)
+
+        spin.hold(loading)
+        try:
+            return await asyncio.to_thread(build)
+        except asyncio.CancelledError:
+            if not started:
+                spin.release(loading)
+            raise
 
     def _build(self, context: PluginContext) -> Servable:
         config = context.config
