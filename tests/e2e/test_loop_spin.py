@@ -47,6 +47,19 @@ def _digits(repo: Path) -> Path:
     return repo
 
 
+ONES = request("gated", x=np.ones((1, 4), np.float32))
+"""Held in the gated model's run until the test creates the gate file."""
+ZEROS = request("gated", x=np.zeros((1, 4), np.float32))
+"""Answered at once by the gated model."""
+
+
+def _gated(tmp_path: Path) -> tuple[Path, Path]:
+    """A repository with `gated_model` (stress.harness), and its gate file (not yet there)."""
+    repo, gate = tmp_path / "repo", tmp_path / "gate"
+    gated_model(repo, gate)
+    return repo, gate
+
+
 def _digit() -> pb.PredictRequest:
     return request("digits", pixels=np.zeros((1, 64), np.float32))
 
@@ -138,29 +151,26 @@ async def test_spinning_is_not_read_as_load_but_work_while_spinning_is(tmp_path:
 async def test_no_spinning_while_a_run_computes_in_a_worker_thread(tmp_path: Path) -> None:
     # The run's thread needs the core; it keeps computing after its caller's deadline has passed, and the
     # loop must not start spinning beside it then either.
-    repo = tmp_path / "repo"
-    gate = tmp_path / "gate"
-    config = gated_model(repo, gate) / "config.toml"
+    repo, gate = _gated(tmp_path)
+    config = repo / "gated" / "config.toml"
     # Adaptive: a lone request runs in its caller's task, which the deadline cancels while the run goes on.
     config.write_text(config.read_text().replace('policy = "fixed"', 'policy = "adaptive"'))
     async with _server(repo, spin_us=900_000) as (server, stub):
         spin = server.spin
         assert spin is not None
-        ones = request("gated", x=np.ones((1, 4), np.float32))
-        zeros = request("gated", x=np.zeros((1, 4), np.float32))
-        await stub.Predict(zeros)
-        await stub.Predict(zeros)
+        await stub.Predict(ZEROS)
+        await stub.Predict(ZEROS)
         assert spin.spinning  # two close requests: the loop spins for the next
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await stub.Predict(ones, timeout=0.3)
+            await stub.Predict(ONES, timeout=0.3)
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # Nothing in flight any more, but the gated run still computes in its thread.
         await _until_inflight(server, 0)
         await asyncio.sleep(0.01)
         assert not spin.spinning
         gate.touch()
-        await stub.Predict(zeros)
-        await stub.Predict(zeros)
+        await stub.Predict(ZEROS)
+        await stub.Predict(ZEROS)
         assert spin.spinning
 
 
@@ -172,8 +182,7 @@ async def test_hold_is_released_by_the_thread_not_by_the_waiter() -> None:
     go = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         work = pool.submit(go.wait, 10.0)
-        spin.hold(work)
-        work.add_done_callback(spin.release)
+        spin.hold_until_done(work)
         waiter = asyncio.ensure_future(asyncio.wrap_future(work))
         await asyncio.sleep(0)
         waiter.cancel()  # the caller stops waiting (a deadline); the thread goes on computing
@@ -195,48 +204,41 @@ async def test_hold_is_released_by_the_thread_not_by_the_waiter() -> None:
 async def test_concurrent_callers_do_not_make_the_loop_spin(tmp_path: Path) -> None:
     # With requests overlapping, the server's empty moments are when its callers and gRPC's threads are
     # busy: spinning then would take their CPU.
-    repo = tmp_path / "repo"
-    gate = tmp_path / "gate"
-    gated_model(repo, gate)
+    repo, gate = _gated(tmp_path)
     async with _server(repo, spin_us=900_000) as (server, stub):
         spin = server.spin
         assert spin is not None
-        ones = request("gated", x=np.ones((1, 4), np.float32))
-        zeros = request("gated", x=np.zeros((1, 4), np.float32))
-        await stub.Predict(zeros)
-        await stub.Predict(zeros)
+        await stub.Predict(ZEROS)
+        await stub.Predict(ZEROS)
         assert spin.spinning  # a lone caller, back to back
-        held = asyncio.ensure_future(stub.Predict(ones))
+        held = asyncio.ensure_future(stub.Predict(ONES))
         await _until_inflight(server, 1)
-        overlapping = asyncio.ensure_future(stub.Predict(zeros))
+        overlapping = asyncio.ensure_future(stub.Predict(ZEROS))
         await _until_inflight(server, 2)
         gate.touch()
         await asyncio.gather(held, overlapping)
         assert server.plane.inflight == 0
         assert not spin.spinning
         # A lone caller again: the loop spins again.
-        await stub.Predict(zeros)
-        await stub.Predict(zeros)
+        await stub.Predict(ZEROS)
+        await stub.Predict(ZEROS)
         assert spin.spinning
 
 
 async def test_a_stream_counts_like_calls(tmp_path: Path) -> None:
     # One message at a time is a lone caller; messages overlapping on the stream are concurrent callers.
-    repo = tmp_path / "repo"
-    gate = tmp_path / "gate"
-    gated_model(repo, gate)
+    repo, gate = _gated(tmp_path)
     async with _server(repo, spin_us=900_000) as (server, stub):
         spin = server.spin
         assert spin is not None
         call = stub.StreamPredict()
-        zeros = request("gated", x=np.zeros((1, 4), np.float32))
         for _ in range(2):
-            await call.write(zeros)
+            await call.write(ZEROS)
             assert (await call.read()).code == 0
         assert spin.spinning
-        await call.write(request("gated", x=np.ones((1, 4), np.float32)))
+        await call.write(ONES)
         await _until_inflight(server, 1)
-        await call.write(zeros)
+        await call.write(ZEROS)
         await _until_inflight(server, 2)
         gate.touch()
         for _ in range(2):

@@ -77,8 +77,7 @@ class Servable:
         work = self._plugins.submit(step, *args)
         spin = self.runner.spin
         if spin is not None:
-            spin.hold(work)
-            work.add_done_callback(spin.release)
+            spin.hold_until_done(work)
         return await asyncio.wrap_future(work)
 
     async def infer(

@@ -133,11 +133,8 @@ class ModelRunner:
         spin = self.spin
         if spin is None:
             return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
-        # Released when the thread is done, not when this task stops waiting for it (a deadline, a caller
-        # leaving): the run goes on computing either way.
         work = self.executor.submit(self.model.run, instance, feeds)
-        spin.hold(work)
-        work.add_done_callback(spin.release)
+        spin.hold_until_done(work)
         return await asyncio.wrap_future(work, loop=loop)
 
     def close(self) -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable
+from concurrent.futures import Future
+from typing import Any
 
 IDLE_PASS = 10e-6
 """A pass of the loop shorter than this ran nothing but the spin: a bare pass takes 1 to 3 us (uvloop) or 2
@@ -79,6 +81,12 @@ class LoopSpin:
     def release(self, work: Hashable) -> None:
         """`work` ended. Safe to call from any thread (a concurrent future's done callback, say)."""
         self._threads.discard(work)
+
+    def hold_until_done(self, work: Future[Any]) -> None:
+        """No spinning until the worker thread is done with `work`, not merely until its caller stops
+        waiting for it (a deadline, a caller leaving): the thread goes on computing either way."""
+        self.hold(work)
+        work.add_done_callback(self.release)
 
     def _pass(self) -> None:
         now = time.monotonic()
