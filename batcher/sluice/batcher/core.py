@@ -93,7 +93,6 @@ class Batcher:
         self._wake_rows = 1
         self._idle = asyncio.Event()
         self._closing = False
-        self._last_arrival = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -126,6 +125,12 @@ class Batcher:
     def batch_limit(self) -> int:
         """Most rows the next batch may take (the adaptive policy's cost-curve limit, else max_batch_size)."""
         return self._policy.limit_rows
+
+    @property
+    def wait_cap(self) -> float:
+        """Longest wait for company while the event loop is saturated, in seconds: the adaptive policy's
+        measured cap (see sluice.batcher.policy), max_delay for the others."""
+        return self._policy.wait_cap
 
     @property
     def estimates(self) -> Estimates:
@@ -320,7 +325,6 @@ class Batcher:
         )
         queue.push(item)
         self._load.on_arrival(rows, now)
-        self._last_arrival = now
         self._observer.on_enqueue(rows, queue.rows)
         return item
 
@@ -418,13 +422,8 @@ class Batcher:
                 if wait > 0:
                     # Any admission counts towards `enough` (conservative when groups differ).
                     self._wake_rows = queue.rows + enough - queued
-                    if not policy.loop_bound:
-                        await self._wait(wait)
-                        continue
-                    await self._until_quiet(head, now + wait, enough)
-                    head = queue.head()
-                    if head is None or not self._free:
-                        continue
+                    await self._wait(wait)
+                    continue
             batch = self._collect(head)
             if batch is None:
                 self._check_idle()
@@ -433,20 +432,6 @@ class Batcher:
                 await self._run_batch(batch, self._start(batch, head))
             else:
                 self._spawn(batch, head)
-
-    async def _until_quiet(self, head: Pending, end: float, limit: int) -> None:
-        """Sleeps until `end`, a full batch of `limit` rows, or a pause in arrivals (see
-        AdaptivePolicy.quiet_gap).
-
-        Arrivals do not wake the dispatcher: each wake-up just checks whether one came since it slept.
-        """
-        gap = self._policy.quiet_gap(time.monotonic())
-        while self._queue.group_rows(head.key) < limit and not self._closing:
-            now = time.monotonic()
-            until = min(end, self._last_arrival + gap)
-            if until <= now:
-                return
-            await self._wait(until - now)
 
     async def _wait(self, limit: float | None = None) -> None:
         # Cleared only here, right before sleeping: the caller checked the state with no await since,
@@ -531,7 +516,7 @@ class Batcher:
     def _start(self, batch: Batch, head: Pending) -> int:
         """Claims a free instance for `batch`, built around `head`; returns the instance's index."""
         now = time.monotonic()
-        self._policy.dispatched(batch.rows, head.rows, now - head.arrival)
+        self._policy.dispatched(batch.rows, head.rows, now - head.arrival, now)
         instance = self._free.pop()
         self._in_flight += batch.rows
         self._observer.on_batch(

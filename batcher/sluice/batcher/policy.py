@@ -13,11 +13,14 @@ At light load b* <= 1 and every request runs at once; as load grows batches grow
 The model is not the only thing a batch costs: collecting, splitting and answering it costs the event loop
 too, and the loop also carries every request's gRPC work. When the loop itself is saturated (`pressure`,
 its busy fraction, is at least LOOP_SATURATED), each batch saved is throughput gained, so the policy
-waits for company even when the model is idle: up to max_delay, but only while requests keep coming. Once
-arrivals pause for twice their mean gap, the callers that are coming have come, and waiting longer would
-only leave the loop idle. A wait that brings no company (a lone
-caller whose next request cannot come before this one is answered) is not repeated for the next 2, 4, 8 ...
-batches, so a single busy caller almost never waits.
+waits for company even when the model is idle, up to a *wait cap* of at most max_delay. How long is worth
+it depends on the callers, which the server cannot see: a crowd of 64 gets more done with full-length waits
+and big batches, while 8 callers that each wait for their answer before sending again get more done with
+short ones (measured: benchmarks/RESULTS.md). So the cap is found by measuring the objective itself, rows
+dispatched per second, in a hill climb (perturb and observe): every CAP_WINDOW seconds of loop-bound
+batching the cap moves by CAP_STEP, on in the same direction while rows/s rose, back when they fell. A wait
+that brings no company (a lone caller whose next request cannot come before this one is answered) is not
+repeated for the next 2, 4, 8 ... batches, so a single busy caller almost never waits.
 
 How big a batch may get is a separate question, answered by the measured cost curve (`CostCurve`): on a
 CPU a batch whose activations no longer fit the caches costs more per row than a smaller one, so the
@@ -44,6 +47,15 @@ LOOP_SATURATED = 0.6
 """Busy fraction of the event loop above which per-batch costs limit throughput."""
 MAX_BACKOFF = 1024
 """Most batches dispatched at once after fruitless waits, before waiting is tried again."""
+CAP_WINDOW = 0.25
+"""Seconds of dispatches the loop-bound wait cap is judged on before it moves again (at 2,000 rows/s, 500
+rows: enough that a step of CAP_STEP shows through the noise of the count)."""
+CAP_STEP = 1.5
+"""Factor the loop-bound wait cap moves by per window: from max_delay to its floor in 7 windows."""
+CAP_FLOOR = 1 / 16
+"""Least loop-bound wait cap, as a fraction of max_delay."""
+CAP_WINDOW_BATCHES = 4
+"""Loop-bound batches a window needs for its rows/s to judge the cap; other windows restart the climb."""
 CURVE_SAMPLES = 2
 """Runs a batch size needs before the cost curve trusts its cost (and before it stops probing it)."""
 CURVE_WEIGHT = 0.25
@@ -253,17 +265,15 @@ class Policy:
         self.limit_rows = config.max_batch_size
         """Most rows the last head's group may put in a batch, probes aside: waiting for more gains
         nothing."""
+        self.wait_cap = 0.0 if self.single_request else config.max_delay
+        """Longest wait for company while the event loop is saturated (the adaptive policy measures it)."""
 
     loop_bound = False
     """True while the current wait is for the event loop's sake (see AdaptivePolicy)."""
 
-    def quiet_gap(self, now: float) -> float:
-        """A pause in arrivals this long (twice the mean gap) means the callers are all waiting already."""
-        rate = self.load.rate(now)
-        return 2.0 / rate if rate > 0 else 0.0
-
-    def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
-        """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited."""
+    def dispatched(self, rows: int, head_rows: int, waited: float, now: float) -> None:
+        """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited,
+        and the time."""
 
     def on_run(self, rows: int, elements: int, seconds: float) -> None:
         """Told of every successful run: its rows, its input elements after padding, its seconds."""
@@ -327,6 +337,11 @@ class AdaptivePolicy(Policy):
         self._backoff = 1
         self.loop_bound = False
         self.curve = curve if curve is not None else CostCurve()
+        self._cap_step = 1.0 / CAP_STEP  # the next move: shorter first (a lone wait is the cheap mistake)
+        self._window_start = -1.0
+        self._window_rows = 0
+        self._window_bound = 0  # loop-bound batches in the window
+        self._last_rate = 0.0  # rows/s of the last window that judged the cap; 0: none yet
 
     def on_run(self, rows: int, elements: int, seconds: float) -> None:
         self.load.on_run(rows, seconds)
@@ -351,7 +366,8 @@ class AdaptivePolicy(Policy):
             self.curve.limit,
         )
 
-    def dispatched(self, rows: int, head_rows: int, waited: float) -> None:
+    def dispatched(self, rows: int, head_rows: int, waited: float, now: float) -> None:
+        self._climb(rows, now)
         if self._skip:
             self._skip -= 1
         elif self.loop_bound:
@@ -362,12 +378,35 @@ class AdaptivePolicy(Policy):
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF)
         self.loop_bound = False
 
+    def _climb(self, rows: int, now: float) -> None:
+        """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs)."""
+        if self._window_start < 0:
+            self._window_start = now
+        self._window_rows += rows
+        self._window_bound += self.loop_bound
+        elapsed = now - self._window_start
+        if elapsed < CAP_WINDOW:
+            return
+        rate = self._window_rows / elapsed
+        if self._window_bound >= CAP_WINDOW_BATCHES:
+            if rate < self._last_rate:
+                self._cap_step = 1.0 / self._cap_step  # the last move lost rows/s: turn back
+            floor = self.max_delay * CAP_FLOOR
+            self.wait_cap = min(max(self.wait_cap * self._cap_step, floor), self.max_delay)
+            self._last_rate = rate
+        else:
+            self._last_rate = 0.0  # the loop was not saturated: the next saturated spell starts afresh
+        self._window_start, self._window_rows, self._window_bound = now, 0, 0
+
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
         enough = self.limit_rows
         if left <= 0 or queued >= enough:
             return 0.0, 0
         if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
+            left = self.wait_cap - waited
+            if left <= 0:
+                return 0.0, 0
             self.loop_bound = True
             return left, enough
         target = min(self.target_rows(now), float(enough))

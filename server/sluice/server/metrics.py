@@ -69,6 +69,9 @@ class Gauged(Protocol):
     def batch_limit(self) -> int: ...
 
     @property
+    def wait_cap(self) -> float: ...
+
+    @property
     def busy(self) -> int: ...
 
 
@@ -269,6 +272,12 @@ class Metrics(Collector):
             "else max_batch_size (1 for a model without a batch dimension).",
             labels=labels,
         )  # fmt: skip
+        wait_cap = GaugeMetricFamily(
+            "sluice_batch_wait_cap_seconds",
+            "Longest wait for company while the event loop is saturated: the adaptive policy's cap, found "
+            "by measuring rows/s (docs/batching.md); max_delay for a fixed window, 0 without batching.",
+            labels=labels,
+        )  # fmt: skip
         errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=labels)
         rejected = CounterMetricFamily(
             "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
@@ -286,12 +295,15 @@ class Metrics(Collector):
             limits = [s.batch_limit for s in list(m.schedulers)]
             if limits:
                 batch_limit.add_metric([model, version], max(limits))
+            caps = [s.wait_cap for s in list(m.schedulers)]
+            if caps:
+                wait_cap.add_metric([model, version], max(caps))
             errors.add_metric([model, version], m.batch_errors)
             for reason, count in list(m.rejected.items()):
                 rejected.add_metric([model, version, reason], count)
             for reason, count in list(m.dropped.items()):
                 dropped.add_metric([model, version, reason], count)
-        yield from (queue, busy, batch_limit, errors, rejected, dropped)
+        yield from (queue, busy, batch_limit, wait_cap, errors, rejected, dropped)
         if self.model_states is not None:
             states = GaugeMetricFamily(
                 "sluice_model_state",

@@ -59,6 +59,10 @@ class Scheduler(Protocol):
     def batch_limit(self) -> int:
         """Most rows the next batch may take."""
 
+    @property
+    def wait_cap(self) -> float:
+        """Longest wait for company while the event loop is saturated, in seconds."""
+
 
 def _nothing() -> None:
     return None
@@ -223,6 +227,11 @@ class DirectScheduler:
     def batch_limit(self) -> int:
         """Every run is one request."""
         return 1
+
+    @property
+    def wait_cap(self) -> float:
+        """Never waits."""
+        return 0.0
 
     async def submit(
         self,
