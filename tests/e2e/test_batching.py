@@ -61,6 +61,8 @@ async def test_concurrent_callers_are_batched_and_get_their_own_rows(served: Slu
     assert metrics['sluice_queue_rows{model="digits",version="1"}'] == 0
     # The batch size the measured cost curve allows: within the model's max_batch_size (64).
     assert 1 <= metrics['sluice_batch_limit_rows{model="digits",version="1"}'] <= 64
+    # How long a batch may wait for company on a saturated loop: a fixed window's is its max_delay_ms.
+    assert metrics['sluice_batch_wait_cap_seconds{model="digits",version="1"}'] == pytest.approx(0.05)
 
 
 async def _until(server: SluiceServer, sample: str, at_least: float) -> None:
