@@ -129,7 +129,7 @@ class Batcher:
     @property
     def wait_cap(self) -> float:
         """Longest wait for company while the event loop is saturated, in seconds: the adaptive policy's
-        measured cap (see sluice.batcher.policy), max_delay for the others."""
+        measured cap (see sluice.batcher.policy), max_delay for a fixed window, 0 without batching."""
         return self._policy.wait_cap
 
     @property

@@ -289,15 +289,13 @@ class Metrics(Collector):
         )  # fmt: skip
         for (model, number), m in models:
             version = str(number)
-            queue.add_metric([model, version], sum(s.queue_rows for s in m.schedulers))
-            busy.add_metric([model, version], sum(s.busy for s in m.schedulers))
             # A snapshot: an unloaded version's scheduler leaves the list on the event loop's thread.
-            limits = [s.batch_limit for s in list(m.schedulers)]
-            if limits:
-                batch_limit.add_metric([model, version], max(limits))
-            caps = [s.wait_cap for s in list(m.schedulers)]
-            if caps:
-                wait_cap.add_metric([model, version], max(caps))
+            schedulers = list(m.schedulers)
+            queue.add_metric([model, version], sum(s.queue_rows for s in schedulers))
+            busy.add_metric([model, version], sum(s.busy for s in schedulers))
+            if schedulers:
+                batch_limit.add_metric([model, version], max(s.batch_limit for s in schedulers))
+                wait_cap.add_metric([model, version], max(s.wait_cap for s in schedulers))
             errors.add_metric([model, version], m.batch_errors)
             for reason, count in list(m.rejected.items()):
                 rejected.add_metric([model, version, reason], count)
