@@ -135,6 +135,20 @@ def test_a_batch_one_row_short_counts_with_the_full_one() -> None:
     assert curve.cost(32 * 256) is None
 
 
+def test_a_pre_empted_run_does_not_move_the_limit() -> None:
+    # A run the OS pre-empted takes a scheduler slice (milliseconds) where it needed microseconds.
+    curve = CostCurve()
+    saturate(curve, growing, per_row=64, max_rows=32, runs=100)
+    assert curve.limit == 0
+    curve.record(32 * 64, 100 * growing(32 * 64))
+    assert curve.limit == 0  # the full batch is still the cheapest per element
+    # Among a size's first runs too: the second run of 64 elements was pre-empted.
+    first = CostCurve()
+    for elements, slow in ((32, 1), (32, 1), (64, 1), (64, 100)):
+        first.record(elements, slow * growing(elements))
+    assert first.limit == 0
+
+
 # -- exploration stays within bounds --------------------------------------------------------------------
 
 shapes: list[Seconds] = [convex, growing, flat(0)]
@@ -256,6 +270,51 @@ async def test_a_settled_limit_is_logged_once(caplog: pytest.LogCaptureFixture) 
     assert lines == [
         "model 'm': batch limit 4 rows (was 8): batches of about 64 input elements run cheapest per element"
     ]
+
+
+class Synthetic(CostCurve):
+    """Records every run at the cost `seconds` gives its elements, not at this machine's wall clock."""
+
+    def __init__(self, seconds: Seconds) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def record(self, elements: int, seconds: float) -> None:
+        super().record(elements, self.seconds(elements))
+
+
+async def test_a_limit_that_noise_pushed_to_one_row_climbs_back_under_a_crowd() -> None:
+    curve = Synthetic(growing)
+    # Start-up noise: the first batches of 2 and 4 rows ran five times slower than they do.
+    for elements, slow in ((16, 1), (16, 1), (32, 5), (32, 5), (64, 5), (64, 5)):
+        CostCurve.record(curve, elements, slow * growing(elements))
+    assert curve.limit == 16  # one row
+    sizes: list[int] = []
+
+    async def run(instance: int, inputs: dict[str, Any]) -> dict[str, Any]:
+        sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2}
+
+    # A saturated event loop and a model that answers at once: a batch forms only while its first request
+    # waits for company, and a wait for a limit of one row ends before it starts.
+    config = BatcherConfig(policy="adaptive", max_batch_size=8, max_delay=0.05)
+    batcher = Batcher(run, config, curve=curve, pressure=lambda: 1.0)
+    batcher.start()
+    answers: dict[int, float] = {}
+
+    async def caller(first: int) -> None:
+        for n in range(first, first + 64):
+            answer = await batcher.submit({"x": np.full((1, 16), n, np.float32)})
+            answers[n] = float(answer["y"][0, 0])
+            await asyncio.sleep(0)  # the caller's next request comes a loop turn later
+
+    await asyncio.wait_for(asyncio.gather(*(caller(1000 * i) for i in range(16))), 20)
+    await batcher.drain(0)
+    assert answers == {n: 2.0 * n for i in range(16) for n in range(1000 * i, 1000 * i + 64)}
+    # Probes of twice the limit gathered their rows and found bigger batches cheaper, size by size.
+    assert batcher.estimates.limit_rows == 8
+    assert curve.limit == 0
+    assert sum(sizes[-32:]) >= 6 * 32, sizes[-32:]
 
 
 async def test_the_fixed_policy_ignores_the_curve() -> None:

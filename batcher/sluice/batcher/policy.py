@@ -59,7 +59,10 @@ CAP_WINDOW_BATCHES = 4
 CURVE_SAMPLES = 2
 """Runs a batch size needs before the cost curve trusts its cost (and before it stops probing it)."""
 CURVE_WEIGHT = 0.25
-"""Weight of a new run in a size's mean cost once it has 4 (the first ones are averaged plainly)."""
+"""Weight of a new run in a size's mean cost once it has 4 (its third run weighs a third)."""
+CURVE_CLIP = 1.5
+"""A run counts at most this many times its size's mean cost: a run the OS pre-empted (a 10 us run that
+took 3 ms on a busy core) says nothing about the size and would otherwise rule the mean for many runs."""
 CURVE_TIE = 0.05
 """Costs per element within this fraction of the cheapest count as equal; the larger batch wins them, as
 fewer batches also save the event loop per-batch work the curve does not see."""
@@ -148,7 +151,8 @@ class CostCurve:
 
     Exploration is a hill climb: while the queue can fill it, the next batch is a *probe* of a bucket
     next to the cheapest one that lacks runs (half or double its size), or, every CURVE_REPROBE runs,
-    of a bucket next to the limit, to follow a curve that changes.
+    of a bucket next to the limit, to follow a curve that changes. While the bucket above the limit is
+    due (`probe_above`), the adaptive policy's waits gather rows for it.
     """
 
     __slots__ = ("_cheapest", "_cost", "_count", "_hi", "_limit", "_lo", "_open", "_runs", "_seen")
@@ -171,8 +175,15 @@ class CostCurve:
         bucket = _bucket(elements)
         count = self._count[bucket] + 1
         self._count[bucket] = count
-        weight = max(1.0 / count, CURVE_WEIGHT)
-        self._cost[bucket] += weight * (seconds / elements - self._cost[bucket])
+        cost, mean = seconds / elements, self._cost[bucket]
+        if count == 1:
+            self._cost[bucket] = cost
+        elif count <= CURVE_SAMPLES:
+            # The cheapest of the first runs: a pre-empted one among so few would decide the size's fate.
+            self._cost[bucket] = min(mean, cost)
+        else:
+            weight = max(1.0 / count, CURVE_WEIGHT)
+            self._cost[bucket] = mean + weight * (min(cost, CURVE_CLIP * mean) - mean)
         self._seen[bucket] = self._runs
         self._runs += 1
         self._lo = min(self._lo, bucket)
@@ -197,6 +208,22 @@ class CostCurve:
             if count[bucket] >= CURVE_SAMPLES and cost[bucket] <= cutoff:
                 limit = bucket
         self._limit, self._open = limit, limit == top
+
+    @property
+    def probe_above(self) -> bool:
+        """Whether the size above the limit is due a probe (it lacks runs, or has not run for
+        CURVE_REPROBE runs): the batch may then gather twice the limit's rows, for the probe to be filled.
+
+        Probes are only ever as big as the queue (see `rows`), and a batch waits only for its limit: without
+        this a limit that noise pushed down would never see a bigger batch again once waits end there.
+        """
+        limit = self._limit
+        if self._open or limit < 0 or limit + 1 >= _BUCKETS:
+            return False
+        above = limit + 1  # the conditions under which `_probe` picks it
+        if above == self._cheapest + 1 and self._count[above] < CURVE_SAMPLES:
+            return True
+        return self._seen[above] < self._runs - CURVE_REPROBE
 
     @property
     def limit(self) -> int:
@@ -401,6 +428,8 @@ class AdaptivePolicy(Policy):
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
         enough = self.limit_rows
+        if enough < self.max_rows and self.curve.probe_above:
+            enough = min(2 * enough, self.max_rows)
         if left <= 0 or queued >= enough:
             return 0.0, 0
         if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
