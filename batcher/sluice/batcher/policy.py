@@ -18,9 +18,13 @@ it depends on the callers, which the server cannot see: a crowd of 64 gets more 
 and big batches, while 8 callers that each wait for their answer before sending again get more done with
 short ones (measured: benchmarks/RESULTS.md). So the cap is found by measuring the objective itself, rows
 dispatched per second, in a hill climb (perturb and observe): every CAP_WINDOW seconds of loop-bound
-batching the cap moves by CAP_STEP, on in the same direction while rows/s rose, back when they fell. A wait
-that brings no company (a lone caller whose next request cannot come before this one is answered) is not
-repeated for the next 2, 4, 8 ... batches, so a single busy caller almost never waits.
+batching the cap moves by CAP_STEP, on in the same direction while rows/s rose, back when they fell.
+
+Either wait, for the model's sake or the loop's, is judged by what it brought. The mean arrival rate does
+not say whether company will come: closed-loop callers answered by one batch send their next requests
+together, and a lone caller's next request cannot come before this one is answered. So the policy waits
+whenever its rule says company is worth having, and a wait that brings none is not repeated for the next
+1, 2, 4 ... batches: a crowd is waited for, a single busy caller almost never.
 
 How big a batch may get is a separate question, answered by the measured cost curve (`CostCurve`): on a
 CPU a batch whose activations no longer fit the caches costs more per row than a smaller one, so the
@@ -363,6 +367,8 @@ class AdaptivePolicy(Policy):
         self._skip = 0  # batches still to dispatch at once after a fruitless wait
         self._backoff = 1
         self.loop_bound = False
+        self._waiting = False  # a wait was planned for the batch now forming
+        self._wait_rows = 0  # compatible rows queued when that wait began
         self.curve = curve if curve is not None else CostCurve()
         self._cap_step = 1.0 / CAP_STEP  # the next move: shorter first (a lone wait is the cheap mistake)
         self._window_start = -1.0
@@ -397,13 +403,13 @@ class AdaptivePolicy(Policy):
         self._climb(rows, now)
         if self._skip:
             self._skip -= 1
-        elif self.loop_bound:
-            if rows > head_rows:
+        elif self._waiting:
+            if rows > self._wait_rows:
                 self._backoff = 1
-            else:
+            else:  # nothing joined while it waited: the callers cannot send more until answered
                 self._skip = self._backoff
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF)
-        self.loop_bound = False
+        self.loop_bound = self._waiting = False
 
     def _climb(self, rows: int, now: float) -> None:
         """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs)."""
@@ -430,21 +436,25 @@ class AdaptivePolicy(Policy):
         enough = self.limit_rows
         if enough < self.max_rows and self.curve.probe_above:
             enough = min(2 * enough, self.max_rows)
-        if left <= 0 or queued >= enough:
+        if left <= 0 or queued >= enough or self._skip:
             return 0.0, 0
-        if self.pressure is not None and not self._skip and self.pressure() >= LOOP_SATURATED:
+        if self.pressure is not None and self.pressure() >= LOOP_SATURATED:
             left = self.wait_cap - waited
             if left <= 0:
                 return 0.0, 0
             self.loop_bound = True
-            return left, enough
-        target = min(self.target_rows(now), float(enough))
-        if queued >= target:
-            return 0.0, 0
-        rate = self.load.rate(now)
-        if rate <= 0 or (target - queued) / rate > left:
-            return 0.0, 0  # waiting cannot gain: the rows would not arrive in time
-        return left, math.ceil(target)
+        else:
+            target = min(self.target_rows(now), float(enough))
+            if queued >= target:
+                return 0.0, 0
+            # Dispatching `queued` rows now would keep the instances busier than UTILISATION: wait for
+            # company even when the mean arrival rate says the target will not fill in time. Closed-loop
+            # callers answered by the last batch send their next requests together, within the window;
+            # a wait that brings nobody (a lone caller) backs off instead.
+            enough = math.ceil(target)
+        if not self._waiting:
+            self._waiting, self._wait_rows = True, queued
+        return left, enough
 
 
 def make_policy(

@@ -1,0 +1,62 @@
+"""The adaptive policy's wait for company when the model is the bottleneck, driven without clocks.
+
+Closed-loop callers (each sends its next request once answered) are what an inference server mostly sees,
+and the mean arrival rate misleads about them: callers answered by one batch send their next requests
+together, so rows the mean rate says cannot come within max_delay do; and a lone caller's next request
+never comes while it waits.
+"""
+
+from __future__ import annotations
+
+from sluice.batcher import BatcherConfig
+from sluice.batcher.policy import AdaptivePolicy, LoadModel
+
+MAX_DELAY = 2e-3
+
+
+def policy() -> AdaptivePolicy:
+    config = BatcherConfig(policy="adaptive", max_delay=MAX_DELAY, max_batch_size=64)
+    return AdaptivePolicy(config, LoadModel(), lambda: 0.0)  # an idle event loop: only the model counts
+
+
+def test_a_lone_caller_that_keeps_the_model_busy_waits_in_vain_only_a_few_times() -> None:
+    # A 10 ms model and one caller that sends again 1 ms after each answer: the model is busy 90% of the
+    # time, over the 80% target, so a second row would be worth waiting for, but it never comes.
+    lone = policy()
+    now, waits = 0.0, 0
+    for _ in range(500):
+        lone.load.on_arrival(1, now)
+        wait, _ = lone.plan(1, 0.0, now)
+        if wait > 0:
+            waits += 1
+            now += wait  # nobody joins: the batch is this request alone
+        lone.dispatched(1, 1, wait, now)
+        lone.on_run(1, 64, 0.010)
+        now += 0.011
+    assert lone.target_rows(now) > 1  # the model stays over its target utilisation throughout
+    assert waits <= 11  # 1, 2, 4, ... batches pass without a wait after each fruitless one
+
+
+def test_closed_loop_callers_are_waited_for_though_the_mean_rate_says_they_are_late() -> None:
+    # 8 callers in two groups of 4 take turns on a model that runs 4 rows in 12 ms and 8 in 16 ms. When
+    # a batch ends, 4 requests are queued and the 4 callers just answered send theirs within a millisecond;
+    # at the mean rate (400 rows/s) the 4 rows the target needs would take 10 ms, longer than max_delay.
+    crowd = policy()
+    for rows, seconds in ((4, 0.012), (8, 0.016)) * 10:
+        crowd.on_run(rows, 64 * rows, seconds)
+    now = 0.0
+    for _ in range(50):  # a second of it, for the arrival rate
+        crowd.load.on_arrival(8, now)
+        now += 0.02
+    for _ in range(50):
+        crowd.load.on_arrival(8, now)
+        target = crowd.target_rows(now)
+        assert target > 4
+        assert (target - 4) / crowd.load.rate(now) > MAX_DELAY
+        wait, enough = crowd.plan(4, 0.0, now)
+        assert 0 < wait <= MAX_DELAY
+        assert enough > 4  # it waits for the others
+        now += 1e-3
+        crowd.dispatched(8, 1, 1e-3, now)  # the others came: one batch of 8, every time
+        crowd.on_run(8, 64 * 8, 0.016)
+        now += 0.019
