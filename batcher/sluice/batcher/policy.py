@@ -17,8 +17,8 @@ waits for company even when the model is idle, up to a *wait cap* of at most max
 it depends on the callers, which the server cannot see: a crowd of 64 gets more done with full-length waits
 and big batches, while 8 callers that each wait for their answer before sending again get more done with
 short ones (measured: benchmarks/RESULTS.md). So the cap is found by measuring the objective itself, rows
-dispatched per second, in a hill climb (perturb and observe): every CAP_WINDOW seconds of loop-bound
-batching the cap moves by CAP_STEP, on in the same direction while rows/s rose, back when they fell.
+dispatched per second, in a hill climb: the cap dithers around a centre, window by window, and the centre
+moves towards the side whose windows dispatched more rows/s (`_climb`).
 
 Either wait, for the model's sake or the loop's, is judged by what it brought. The mean arrival rate does
 not say whether company will come: closed-loop callers answered by one batch send their next requests
@@ -51,11 +51,18 @@ LOOP_SATURATED = 0.6
 """Busy fraction of the event loop above which per-batch costs limit throughput."""
 MAX_BACKOFF = 1024
 """Most batches dispatched at once after fruitless waits, before waiting is tried again."""
-CAP_WINDOW = 0.25
-"""Seconds of dispatches the loop-bound wait cap is judged on before it moves again (at 2,000 rows/s, 500
-rows: enough that a step of CAP_STEP shows through the noise of the count)."""
+CAP_WINDOW = 0.125
+"""Seconds of dispatches each rows/s measurement of the climb takes (at 2,000 rows/s, 250 rows)."""
 CAP_STEP = 1.5
-"""Factor the loop-bound wait cap moves by per window: from max_delay to its floor in 7 windows."""
+"""Factor the centre of the loop-bound wait cap moves by per decision: from max_delay to its floor in 7."""
+CAP_DITHER = math.sqrt(CAP_STEP)
+"""Windows alternate between the centre times and divided by this: the two sides compared differ by
+CAP_STEP."""
+CAP_PAIRS = 1
+"""Pairs of windows (one each side) per decision: a decision every 2 windows, a quarter of a second.
+Pairs alternate in order (up then down, down then up), so a steady drift favours each side in turn."""
+CAP_TIE = 0.02
+"""Mean log-ratio of rows/s between the sides below which the centre stays where it is."""
 CAP_FLOOR = 1 / 16
 """Least loop-bound wait cap, as a fraction of max_delay."""
 CAP_WINDOW_BATCHES = 4
@@ -370,11 +377,17 @@ class AdaptivePolicy(Policy):
         self._waiting = False  # a wait was planned for the batch now forming
         self._wait_rows = 0  # compatible rows queued when that wait began
         self.curve = curve if curve is not None else CostCurve()
-        self._cap_step = 1.0 / CAP_STEP  # the next move: shorter first (a lone wait is the cheap mistake)
+        # The wait cap dithers around it (see `_climb`). It starts halfway between its bounds on a log
+        # scale, max_delay / 4: no more than 4 steps from where any crowd of callers does best.
+        self._centre = config.max_delay * math.sqrt(CAP_FLOOR)
+        self.wait_cap = min(self._centre * CAP_DITHER, config.max_delay)  # the first window is "up"
         self._window_start = -1.0
         self._window_rows = 0
         self._window_bound = 0  # loop-bound batches in the window
-        self._last_rate = 0.0  # rows/s of the last window that judged the cap; 0: none yet
+        self._window = 0  # the window's place in the up, down, down, up sequence
+        self._first = 0.0  # rows/s of the first window of the pair under way
+        self._score = 0.0  # sum of log(rows/s up / rows/s down) over the pairs so far
+        self._pairs = 0
 
     def on_run(self, rows: int, elements: int, seconds: float) -> None:
         self.load.on_run(rows, seconds)
@@ -412,7 +425,15 @@ class AdaptivePolicy(Policy):
         self.loop_bound = self._waiting = False
 
     def _climb(self, rows: int, now: float) -> None:
-        """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs)."""
+        """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs).
+
+        Windows alternate the cap between the centre times CAP_DITHER ("up") and divided by it ("down"),
+        in the order up, down, down, up, so that a load drifting steadily over a pair favours neither
+        side. Every CAP_PAIRS pairs the centre moves one CAP_STEP towards the side that dispatched more
+        rows/s, by the mean log-ratio, or stays when they tie. Comparing sides a window apart cancels the
+        slow swings a shared machine adds to rows/s, which a climb comparing each window with the one
+        before takes for signal.
+        """
         if self._window_start < 0:
             self._window_start = now
         self._window_rows += rows
@@ -421,14 +442,27 @@ class AdaptivePolicy(Policy):
         if elapsed < CAP_WINDOW:
             return
         rate = self._window_rows / elapsed
-        if self._window_bound >= CAP_WINDOW_BATCHES:
-            if rate < self._last_rate:
-                self._cap_step = 1.0 / self._cap_step  # the last move lost rows/s: turn back
-            floor = self.max_delay * CAP_FLOOR
-            self.wait_cap = min(max(self.wait_cap * self._cap_step, floor), self.max_delay)
-            self._last_rate = rate
+        window = self._window
+        if self._window_bound < CAP_WINDOW_BATCHES or rate <= 0:
+            window = self._pairs = 0  # the loop was not saturated: start the comparison afresh
+            self._score = 0.0
+        elif window % 2 == 0:
+            self._first = rate
+            window += 1
         else:
-            self._last_rate = 0.0  # the loop was not saturated: the next saturated spell starts afresh
+            up, down = (self._first, rate) if window == 1 else (rate, self._first)
+            self._score += math.log(up / down) if down > 0 and up > 0 else 0.0
+            self._pairs += 1
+            if self._pairs == CAP_PAIRS:
+                mean = self._score / CAP_PAIRS
+                if abs(mean) > CAP_TIE:
+                    centre = self._centre * (CAP_STEP if mean > 0 else 1.0 / CAP_STEP)
+                    self._centre = min(max(centre, self.max_delay * CAP_FLOOR), self.max_delay)
+                self._score, self._pairs = 0.0, 0
+            window = (window + 1) % 4
+        self._window = window
+        factor = CAP_DITHER if window in (0, 3) else 1.0 / CAP_DITHER
+        self.wait_cap = min(max(self._centre * factor, self.max_delay * CAP_FLOOR), self.max_delay)
         self._window_start, self._window_rows, self._window_bound = now, 0, 0
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
