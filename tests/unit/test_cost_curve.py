@@ -149,6 +149,15 @@ def test_a_pre_empted_run_does_not_move_the_limit() -> None:
     assert first.limit == 0
 
 
+def test_a_run_timed_at_zero_seconds_does_not_pin_its_size_at_zero() -> None:
+    curve = CostCurve()  # a coarse clock can time a short run at 0 s
+    for seconds in [0.0, 1e-3] + [1e-3] * 20:
+        curve.record(64, seconds)
+    cost = curve.cost(64)
+    assert cost is not None
+    assert cost > 0.5e-3 / 64
+
+
 # -- exploration stays within bounds --------------------------------------------------------------------
 
 shapes: list[Seconds] = [convex, growing, flat(0)]
@@ -315,6 +324,38 @@ async def test_a_limit_that_noise_pushed_to_one_row_climbs_back_under_a_crowd() 
     assert batcher.estimates.limit_rows == 8
     assert curve.limit == 0
     assert sum(sizes[-32:]) >= 6 * 32, sizes[-32:]
+
+
+async def test_callers_too_few_to_fill_a_probe_are_rarely_held_for_one() -> None:
+    curve = Synthetic(convex)
+    saturate(curve, convex, per_row=128, max_rows=16, runs=300)
+    assert curve.limit == 512  # 4 rows of 128 elements; a probe of the size above needs 8
+    gathered: list[bool] = []
+    gather = curve.gathered
+
+    def counted(filled: bool) -> None:
+        gathered.append(filled)
+        gather(filled)
+
+    curve.gathered = counted  # type: ignore[method-assign]
+
+    async def run(instance: int, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"y": inputs["x"]}
+
+    config = BatcherConfig(policy="adaptive", max_batch_size=16, max_delay=0.01)
+    batcher = Batcher(run, config, curve=curve, pressure=lambda: 1.0)
+    batcher.start()
+
+    async def caller() -> None:  # 6 closed-loop callers: never 8 rows queued
+        for _ in range(1400):
+            await batcher.submit({"x": np.zeros((1, 128), np.float32)})
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(6))), 30)
+    await batcher.drain(0)
+    # About 2,000 batches; a wait for the probe's rows after 32, 64, 128 ... runs, not every 32.
+    assert 1 <= len(gathered) <= 8, len(gathered)
+    assert not any(gathered)
 
 
 async def test_the_fixed_policy_ignores_the_curve() -> None:

@@ -36,7 +36,9 @@ def climb(
         now += step
         wait, _ = policy.plan(2, 0.0, now)  # a head with company due: a loop-bound wait
         assert 0 < wait <= MAX_DELAY
-        policy.dispatched(round(rows_per_s(policy.wait_cap) * load(now) * step), 1, wait, now)
+        policy.wait_began(2)
+        rows = round(rows_per_s(policy.wait_cap) * load(now) * step)
+        policy.dispatched(rows, rows, wait, now)
         caps.append(policy.wait_cap)
     return caps
 
@@ -69,6 +71,20 @@ def test_a_machine_whose_load_swings_does_not_throw_the_cap_off_its_optimum(best
     caps = climb(policy(1.0), lambda cap: 4000 * (1 - 0.05 * math.log2(cap / best) ** 2), 240, swing)
     late = caps[-8 * 120 :]
     assert all(best / CAP_STEP**2 <= cap <= best * CAP_STEP**2 for cap in late), sorted(set(late))
+
+
+def test_a_pause_in_traffic_does_not_move_the_cap() -> None:
+    steady = policy(1.0)
+    caps = climb(steady, lambda cap: 3000.0, 16)  # rows/s the same at every cap: the centre stays
+    both = set(caps[-16:])
+    assert len(both) == 2
+    now = 16 * CAP_WINDOW + 5.0  # five idle seconds, then the traffic comes back
+    for _ in range(40):
+        now += CAP_WINDOW / 8
+        wait, _ = steady.plan(2, 0.0, now)
+        steady.wait_began(2)
+        steady.dispatched(375, 375, wait, now)  # 3000 rows/s again
+        assert steady.wait_cap in both
 
 
 def test_the_cap_does_not_move_while_the_loop_is_not_saturated() -> None:

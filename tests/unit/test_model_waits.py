@@ -28,6 +28,7 @@ def test_a_lone_caller_that_keeps_the_model_busy_waits_in_vain_only_a_few_times(
         lone.load.on_arrival(1, now)
         wait, _ = lone.plan(1, 0.0, now)
         if wait > 0:
+            lone.wait_began(1)
             waits += 1
             now += wait  # nobody joins: the batch is this request alone
         lone.dispatched(1, 1, wait, now)
@@ -56,7 +57,32 @@ def test_closed_loop_callers_are_waited_for_though_the_mean_rate_says_they_are_l
         wait, enough = crowd.plan(4, 0.0, now)
         assert 0 < wait <= MAX_DELAY
         assert enough > 4  # it waits for the others
+        crowd.wait_began(4)
         now += 1e-3
-        crowd.dispatched(8, 1, 1e-3, now)  # the others came: one batch of 8, every time
+        crowd.dispatched(8, 8, 1e-3, now)  # the others came: one batch of 8, every time
         crowd.on_run(8, 64 * 8, 0.016)
         now += 0.019
+
+
+def loop_bound() -> AdaptivePolicy:
+    config = BatcherConfig(policy="adaptive", max_delay=MAX_DELAY, max_batch_size=64)
+    return AdaptivePolicy(config, LoadModel(), lambda: 1.0)  # a saturated loop: every head waits
+
+
+def test_company_is_counted_in_rows_that_joined_not_in_rows_that_left() -> None:
+    # A wait began with 1 row queued and 2 joined, but the batch that left took only 1 (a limit, a probe,
+    # a priority lane): the wait brought company, so the next head waits too.
+    policy = loop_bound()
+    assert policy.plan(1, 0.0, 0.0)[0] > 0
+    policy.wait_began(1)
+    policy.dispatched(1, 3, MAX_DELAY, MAX_DELAY)
+    assert policy.plan(1, 0.0, 0.01)[0] > 0
+
+
+def test_a_wait_whose_rows_left_does_not_judge_the_next_batch() -> None:
+    policy = loop_bound()
+    assert policy.plan(3, 0.0, 0.0)[0] > 0
+    policy.wait_began(3)
+    policy.wait_abandoned()  # its callers gave up: the queue emptied
+    policy.dispatched(1, 1, 0.0, 0.01)  # a later request that ran at once, without waiting
+    assert policy.plan(1, 0.0, 0.02)[0] > 0  # no back-off: no wait of this batch was fruitless

@@ -412,6 +412,7 @@ class Batcher:
                 continue
             head = queue.head()
             if head is None:
+                policy.wait_abandoned()
                 self._wake_rows = 1
                 await self._wait()
                 continue
@@ -422,10 +423,12 @@ class Batcher:
                 if wait > 0:
                     # Any admission counts towards `enough` (conservative when groups differ).
                     self._wake_rows = queue.rows + enough - queued
+                    policy.wait_began(queued)
                     await self._wait(wait)
                     continue
             batch = self._collect(head)
             if batch is None:
+                policy.wait_abandoned()
                 self._check_idle()
             elif self._config.instances == 1:
                 # No other batch could start before this one ends, so run it here: no task, no wakeup.
@@ -516,7 +519,8 @@ class Batcher:
     def _start(self, batch: Batch, head: Pending) -> int:
         """Claims a free instance for `batch`, built around `head`; returns the instance's index."""
         now = time.monotonic()
-        self._policy.dispatched(batch.rows, head.rows, now - head.arrival, now)
+        queued = batch.rows + self._queue.group_rows(head.key)
+        self._policy.dispatched(batch.rows, queued, now - head.arrival, now)
         instance = self._free.pop()
         self._in_flight += batch.rows
         self._observer.on_batch(

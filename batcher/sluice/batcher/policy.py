@@ -79,6 +79,9 @@ CURVE_TIE = 0.05
 fewer batches also save the event loop per-batch work the curve does not see."""
 CURVE_REPROBE = 32
 """Runs after which a size next to the limit counts as stale and is run once more to refresh it."""
+CURVE_GATHER_PAUSE = 1024
+"""Most runs between waits that gather rows for a probe of the size above the limit, after waits that
+could not fill one."""
 _BUCKETS = 64
 
 
@@ -163,10 +166,22 @@ class CostCurve:
     Exploration is a hill climb: while the queue can fill it, the next batch is a *probe* of a bucket
     next to the cheapest one that lacks runs (half or double its size), or, every CURVE_REPROBE runs,
     of a bucket next to the limit, to follow a curve that changes. While the bucket above the limit is
-    due (`probe_above`), the adaptive policy's waits gather rows for it.
+    due (`probe_rows_above`), the adaptive policy's waits gather rows for it.
     """
 
-    __slots__ = ("_cheapest", "_cost", "_count", "_hi", "_limit", "_lo", "_open", "_runs", "_seen")
+    __slots__ = (
+        "_cheapest",
+        "_cost",
+        "_count",
+        "_gather_pause",
+        "_gathered",
+        "_hi",
+        "_limit",
+        "_lo",
+        "_open",
+        "_runs",
+        "_seen",
+    )
 
     def __init__(self) -> None:
         self._cost = [0.0] * _BUCKETS
@@ -178,6 +193,8 @@ class CostCurve:
         self._cheapest = -1  # bucket with the lowest cost among those with CURVE_SAMPLES runs; -1: none
         self._limit = -1  # the bucket the limit is taken from; -1: none
         self._open = True  # True: the limit is the largest bucket measured, so it does not bind
+        self._gathered = -CURVE_REPROBE  # run number of the last wait that gathered rows for a probe
+        self._gather_pause = CURVE_REPROBE  # runs after it before the next such wait
 
     def record(self, elements: int, seconds: float) -> None:
         """Adds one successful run of a batch of `elements` input elements that took `seconds`."""
@@ -194,7 +211,8 @@ class CostCurve:
             self._cost[bucket] = min(mean, cost)
         else:
             weight = max(1.0 / count, CURVE_WEIGHT)
-            self._cost[bucket] = mean + weight * (min(cost, CURVE_CLIP * mean) - mean)
+            clipped = min(cost, CURVE_CLIP * mean) if mean > 0 else cost  # a 0 s run must not pin it
+            self._cost[bucket] = mean + weight * (clipped - mean)
         self._seen[bucket] = self._runs
         self._runs += 1
         self._lo = min(self._lo, bucket)
@@ -220,21 +238,35 @@ class CostCurve:
                 limit = bucket
         self._limit, self._open = limit, limit == top
 
-    @property
-    def probe_above(self) -> bool:
-        """Whether the size above the limit is due a probe (it lacks runs, or has not run for
-        CURVE_REPROBE runs): the batch may then gather twice the limit's rows, for the probe to be filled.
+    def probe_rows_above(self, per_row: int, max_rows: int) -> int:
+        """Rows of a probe of the size above the limit, for a group whose rows hold `per_row` elements, if
+        one is due (the size lacks runs, or has not run for CURVE_REPROBE runs) and the pause after the
+        last wait that gathered rows for one is over; else 0.
 
-        Probes are only ever as big as the queue (see `rows`), and a batch waits only for its limit: without
-        this a limit that noise pushed down would never see a bigger batch again once waits end there.
+        Probes are only ever as big as the queue (see `rows`), and a batch waits only for its limit:
+        without gathering for a probe, a limit that noise pushed down would never see a bigger batch again
+        once waits end there. The pause is CURVE_REPROBE runs after a probe filled, twice the last one
+        after a wait that did not fill it (up to CURVE_GATHER_PAUSE): callers too few to fill the probe
+        must not make batch after batch wait for it.
         """
         limit = self._limit
         if self._open or limit < 0 or limit + 1 >= _BUCKETS:
-            return False
-        above = limit + 1  # the conditions under which `_probe` picks it
-        if above == self._cheapest + 1 and self._count[above] < CURVE_SAMPLES:
-            return True
-        return self._seen[above] < self._runs - CURVE_REPROBE
+            return 0
+        if self._runs - self._gathered < self._gather_pause:
+            return 0
+        above = limit + 1  # due under the conditions under which `_probe` picks it
+        lacking = above == self._cheapest + 1 and self._count[above] < CURVE_SAMPLES
+        if not lacking and self._seen[above] >= self._runs - CURVE_REPROBE:
+            return 0
+        per_row = max(per_row, 1)
+        rows = _rows_for(above, per_row, max_rows)
+        return rows if _bucket(rows * per_row) == above else 0
+
+    def gathered(self, filled: bool) -> None:
+        """A wait gathered rows for a probe of the size above the limit, and `filled` it or not."""
+        self._gathered = self._runs
+        pause = CURVE_REPROBE if filled else 2 * self._gather_pause
+        self._gather_pause = min(pause, CURVE_GATHER_PAUSE)
 
     @property
     def limit(self) -> int:
@@ -309,9 +341,15 @@ class Policy:
     loop_bound = False
     """True while the current wait is for the event loop's sake (see AdaptivePolicy)."""
 
-    def dispatched(self, rows: int, head_rows: int, waited: float, now: float) -> None:
-        """Told of every batch as it leaves: its rows, its first request's rows, how long that one waited,
-        and the time."""
+    def dispatched(self, rows: int, queued: int, waited: float, now: float) -> None:
+        """Told of every batch as it leaves: its rows, the compatible rows queued just before it was taken
+        (its own included), how long its first request waited, and the time."""
+
+    def wait_began(self, queued: int) -> None:
+        """The dispatcher sleeps on the wait `plan` just returned, with `queued` compatible rows queued."""
+
+    def wait_abandoned(self) -> None:
+        """The rows waited for left (their callers gave up) before a batch did: no batch ends that wait."""
 
     def on_run(self, rows: int, elements: int, seconds: float) -> None:
         """Told of every successful run: its rows, its input elements after padding, its seconds."""
@@ -374,8 +412,11 @@ class AdaptivePolicy(Policy):
         self._skip = 0  # batches still to dispatch at once after a fruitless wait
         self._backoff = 1
         self.loop_bound = False
-        self._waiting = False  # a wait was planned for the batch now forming
+        self._waiting = False  # the batch now forming was waited for
         self._wait_rows = 0  # compatible rows queued when that wait began
+        self._gathering = 0  # ... and the rows it gathered for a probe (0: none)
+        self._planned = (False, 0)  # (loop-bound, probe rows gathered) of the wait `plan` last returned
+        self._per_row = 0  # input elements per row of the last batch's first request
         self.curve = curve if curve is not None else CostCurve()
         # The wait cap dithers around it (see `_climb`). It starts halfway between its bounds on a log
         # scale, max_delay / 4: no more than 4 steps from where any crowd of callers does best.
@@ -397,7 +438,7 @@ class AdaptivePolicy(Policy):
         curve = self.curve
         if queued <= 1:
             return self.max_rows  # the batch is the head alone, whatever the limit
-        per_row = sum(array.size for array in head.inputs.values()) // head.rows
+        per_row = self._per_row = sum(array.size for array in head.inputs.values()) // head.rows
         rows, self.limit_rows = curve.rows(queued, per_row, self.max_rows)
         return max(rows, head.rows)  # the head always fits, or the batch would be empty
 
@@ -412,17 +453,30 @@ class AdaptivePolicy(Policy):
             self.curve.limit,
         )
 
-    def dispatched(self, rows: int, head_rows: int, waited: float, now: float) -> None:
+    def dispatched(self, rows: int, queued: int, waited: float, now: float) -> None:
         self._climb(rows, now)
+        if self._gathering:
+            self.curve.gathered(queued >= self._gathering)
         if self._skip:
             self._skip -= 1
         elif self._waiting:
-            if rows > self._wait_rows:
+            if queued > self._wait_rows:
                 self._backoff = 1
             else:  # nothing joined while it waited: the callers cannot send more until answered
                 self._skip = self._backoff
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF)
+        self.wait_abandoned()
+
+    def wait_began(self, queued: int) -> None:
+        bound, gathering = self._planned
+        self.loop_bound |= bound
+        self._gathering = max(self._gathering, gathering)
+        if not self._waiting:
+            self._waiting, self._wait_rows = True, queued
+
+    def wait_abandoned(self) -> None:
         self.loop_bound = self._waiting = False
+        self._gathering = 0
 
     def _climb(self, rows: int, now: float) -> None:
         """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs).
@@ -443,8 +497,9 @@ class AdaptivePolicy(Policy):
             return
         rate = self._window_rows / elapsed
         window = self._window
-        if self._window_bound < CAP_WINDOW_BATCHES or rate <= 0:
-            window = self._pairs = 0  # the loop was not saturated: start the comparison afresh
+        if self._window_bound < CAP_WINDOW_BATCHES or rate <= 0 or elapsed > 2 * CAP_WINDOW:
+            # The loop was not saturated, or traffic paused: start the comparison afresh.
+            window = self._pairs = 0
             self._score = 0.0
         elif window % 2 == 0:
             self._first = rate
@@ -468,15 +523,18 @@ class AdaptivePolicy(Policy):
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
         enough = self.limit_rows
-        if enough < self.max_rows and self.curve.probe_above:
-            enough = min(2 * enough, self.max_rows)
+        gathering = 0
+        if enough < self.max_rows and self._per_row:
+            probe = self.curve.probe_rows_above(self._per_row, self.max_rows)
+            if probe > enough:
+                enough = gathering = probe
         if left <= 0 or queued >= enough or self._skip:
             return 0.0, 0
-        if self.pressure is not None and self.pressure() >= LOOP_SATURATED:
+        bound = self.pressure is not None and self.pressure() >= LOOP_SATURATED
+        if bound:
             left = self.wait_cap - waited
             if left <= 0:
                 return 0.0, 0
-            self.loop_bound = True
         else:
             target = min(self.target_rows(now), float(enough))
             if queued >= target:
@@ -485,9 +543,8 @@ class AdaptivePolicy(Policy):
             # company even when the mean arrival rate says the target will not fill in time. Closed-loop
             # callers answered by the last batch send their next requests together, within the window;
             # a wait that brings nobody (a lone caller) backs off instead.
-            enough = math.ceil(target)
-        if not self._waiting:
-            self._waiting, self._wait_rows = True, queued
+            enough, gathering = math.ceil(target), 0
+        self._planned = (bound, gathering)
         return left, enough
 
 
