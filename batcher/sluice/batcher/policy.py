@@ -58,11 +58,8 @@ CAP_STEP = 1.5
 CAP_DITHER = math.sqrt(CAP_STEP)
 """Windows alternate between the centre times and divided by this: the two sides compared differ by
 CAP_STEP."""
-CAP_PAIRS = 1
-"""Pairs of windows (one each side) per decision: a decision every 2 windows, a quarter of a second.
-Pairs alternate in order (up then down, down then up), so a steady drift favours each side in turn."""
 CAP_TIE = 0.02
-"""Mean log-ratio of rows/s between the sides below which the centre stays where it is."""
+"""Log-ratio of rows/s between the two windows of a pair below which the centre stays where it is."""
 CAP_FLOOR = 1 / 16
 """Least loop-bound wait cap, as a fraction of max_delay."""
 CAP_WINDOW_BATCHES = 4
@@ -421,14 +418,12 @@ class AdaptivePolicy(Policy):
         # The wait cap dithers around it (see `_climb`). It starts halfway between its bounds on a log
         # scale, max_delay / 4: no more than 4 steps from where any crowd of callers does best.
         self._centre = config.max_delay * math.sqrt(CAP_FLOOR)
-        self.wait_cap = min(self._centre * CAP_DITHER, config.max_delay)  # the first window is "up"
+        self.wait_cap = self._bounded(self._centre * CAP_DITHER)  # the first window is "up"
         self._window_start = -1.0
         self._window_rows = 0
         self._window_bound = 0  # loop-bound batches in the window
         self._window = 0  # the window's place in the up, down, down, up sequence
         self._first = 0.0  # rows/s of the first window of the pair under way
-        self._score = 0.0  # sum of log(rows/s up / rows/s down) over the pairs so far
-        self._pairs = 0
 
     def on_run(self, rows: int, elements: int, seconds: float) -> None:
         self.load.on_run(rows, seconds)
@@ -482,9 +477,9 @@ class AdaptivePolicy(Policy):
         """Counts a dispatched batch; at the end of a window, moves the wait cap (see the module docs).
 
         Windows alternate the cap between the centre times CAP_DITHER ("up") and divided by it ("down"),
-        in the order up, down, down, up, so that a load drifting steadily over a pair favours neither
-        side. Every CAP_PAIRS pairs the centre moves one CAP_STEP towards the side that dispatched more
-        rows/s, by the mean log-ratio, or stays when they tie. Comparing sides a window apart cancels the
+        in the order up, down, down, up, so that a steady drift favours each side in turn. After each pair
+        the centre moves one CAP_STEP towards the side that dispatched more rows/s, or stays when they
+        tie. Comparing sides a window apart cancels the
         slow swings a shared machine adds to rows/s, which a climb comparing each window with the one
         before takes for signal.
         """
@@ -498,27 +493,23 @@ class AdaptivePolicy(Policy):
         rate = self._window_rows / elapsed
         window = self._window
         if self._window_bound < CAP_WINDOW_BATCHES or rate <= 0 or elapsed > 2 * CAP_WINDOW:
-            # The loop was not saturated, or traffic paused: start the comparison afresh.
-            window = self._pairs = 0
-            self._score = 0.0
+            window = 0  # the loop was not saturated, or traffic paused: start the comparison afresh
         elif window % 2 == 0:
             self._first = rate
             window += 1
         else:
             up, down = (self._first, rate) if window == 1 else (rate, self._first)
-            self._score += math.log(up / down) if down > 0 and up > 0 else 0.0
-            self._pairs += 1
-            if self._pairs == CAP_PAIRS:
-                mean = self._score / CAP_PAIRS
-                if abs(mean) > CAP_TIE:
-                    centre = self._centre * (CAP_STEP if mean > 0 else 1.0 / CAP_STEP)
-                    self._centre = min(max(centre, self.max_delay * CAP_FLOOR), self.max_delay)
-                self._score, self._pairs = 0.0, 0
+            gain = math.log(up / down)  # both > 0: a window with no rows restarts the comparison
+            if abs(gain) > CAP_TIE:
+                self._centre = self._bounded(self._centre * (CAP_STEP if gain > 0 else 1.0 / CAP_STEP))
             window = (window + 1) % 4
         self._window = window
-        factor = CAP_DITHER if window in (0, 3) else 1.0 / CAP_DITHER
-        self.wait_cap = min(max(self._centre * factor, self.max_delay * CAP_FLOOR), self.max_delay)
+        self.wait_cap = self._bounded(self._centre * (CAP_DITHER if window in (0, 3) else 1.0 / CAP_DITHER))
         self._window_start, self._window_rows, self._window_bound = now, 0, 0
+
+    def _bounded(self, cap: float) -> float:
+        """`cap` within max_delay * CAP_FLOOR ... max_delay."""
+        return min(max(cap, self.max_delay * CAP_FLOOR), self.max_delay)
 
     def plan(self, queued: int, waited: float, now: float) -> tuple[float, int]:
         left = self.max_delay - waited
