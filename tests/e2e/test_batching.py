@@ -26,7 +26,10 @@ async def served(repo: Path) -> AsyncIterator[SluiceServer]:
         '[batching]\nmax_batch_size = 64\nmax_delay_ms = 50\npolicy = "fixed"\n'
     )
     save(slow_model(layers=96), repo / "slow" / "1" / "model.onnx")
-    (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n")
+    # One instance, whatever the cores: the test holds it busy with one request and queues the next.
+    (repo / "slow" / "config.toml").write_text(
+        "[batching]\nmax_batch_size = 256\nmax_queue_rows = 300\n\n[execution]\nelastic_threads = false\n"
+    )
     server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
     await server.start()
     await server.loaded()

@@ -731,6 +731,26 @@ async def test_two_instances_run_two_batches_at_once(make: Make) -> None:
     assert_idle(batcher)
 
 
+async def test_a_batch_alone_runs_on_instance_0_whichever_instance_finished_last(make: Make) -> None:
+    # A runtime may run instance 0 differently when it is alone (the onnx runtime's elastic threads give it
+    # every thread), so a lone batch must get instance 0 even after instance 1 was the last one freed.
+    model = FakeModel(held=True)
+    batcher = make(model, instances=3, policy="none")
+    first_gate = model.gate
+    first = spawn(batcher, rows(1.0))
+    await until(lambda: model.running == 1)
+    model.gate = asyncio.Event()
+    second = spawn(batcher, rows(2.0))
+    await until(lambda: model.running == 2)
+    first_gate.set()
+    await within(first)
+    model.gate.set()
+    await within(second)
+    await within(spawn(batcher, rows(3.0)))
+    assert model.instances == [0, 1, 0]
+    assert_idle(batcher)
+
+
 async def test_policy_none_runs_every_request_alone(make: Make) -> None:
     model = FakeModel(held=True)
     batcher = make(model, policy="none")

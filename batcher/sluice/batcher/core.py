@@ -81,7 +81,9 @@ class Batcher:
         self._crop = config.crop
         self._queue = PendingQueue()
         self._seq = itertools.count()
-        self._free = list(range(config.instances - 1, -1, -1))  # instance indexes; pop() gives 0 first
+        # Free instance indexes, highest first: pop() gives the lowest, so a batch that runs alone is always
+        # instance 0 (a runtime may run it differently, see the onnx runtime's elastic threads).
+        self._free = list(range(config.instances - 1, -1, -1))
         self._tasks: set[asyncio.Task[None]] = set()
         # Callers running their own single-request batch (see _answer), and those drain() cut short.
         self._callers_running: dict[asyncio.Task[Any], Pending] = {}
@@ -573,7 +575,10 @@ class Batcher:
             log.error("model '%s': answering a run of %s failed", name, _size(batch), exc_info=exc)
         finally:
             self._in_flight -= batch.rows
-            self._free.append(instance)
+            free = self._free
+            free.append(instance)
+            if len(free) > 1 and free[-2] < instance:
+                free.sort(reverse=True)
             if self._wake_rows == sys.maxsize:
                 # The dispatcher sleeps until an instance frees up: this one did.
                 self._wake_rows = 1

@@ -37,10 +37,8 @@ class LoadedModel:
         sparse = [s.name for s in self.outputs if s.sparse]
         if sparse:
             raise LoadError(f"{where} outputs: {', '.join(sparse)} declared sparse; outputs are dense arrays")
-        instances = getattr(runtime, "instances", 1)
-        if not isinstance(instances, int) or instances < 1:
-            raise LoadError(f"{where}: instances must be an int >= 1, got {instances!r}")
-        self.instances = instances
+        self._where = where
+        self.instances = self._instances()
         providers = getattr(runtime, "providers", ["unknown"])
         self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         self._threads = context.threads
@@ -57,14 +55,24 @@ class LoadedModel:
         """Whether the runtime's pool threads spin between parallel sections (for the log)."""
         return bool(getattr(self.runtime, "spinning", False))
 
+    def _instances(self) -> int:
+        instances = getattr(self.runtime, "instances", 1)
+        if not isinstance(instances, int) or instances < 1:
+            raise LoadError(f"{self._where}: instances must be an int >= 1, got {instances!r}")
+        return instances
+
     def tune(self, inline: bool) -> bool:
         """Tells the runtime whether one-row batches run on the event loop (its optional `tune` hook).
 
         Called once at load, after calibration; True means the runtime changed how it runs (the `onnx`
-        runtime stops spinning), so the caller warms and measures the model again.
+        runtime stops spinning, or starts elastic threads), so the caller warms and measures the model
+        again, and makes its scheduler again if `instances` changed.
         """
         tune = getattr(self.runtime, "tune", None)
-        return bool(tune(inline)) if tune is not None else False
+        if tune is None or not tune(inline):
+            return False
+        self.instances = self._instances()
+        return True
 
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> Mapping[str, npt.NDArray[Any]]:
         if self._feed_names is not None:

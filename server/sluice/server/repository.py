@@ -365,7 +365,13 @@ class ModelRepository:
             servable.warm_up(context)
             # The runtime learns whether the model runs on the event loop (the onnx runtime then stops
             # spinning); a runtime that changed how it runs is warmed and measured again.
+            instances = model.instances
             if model.tune(runner.inline_at_one_row()):
+                if model.instances != instances:
+                    runner.resize()
+                    servable.scheduler = make_scheduler(
+                        runner, self.metrics.model(name, context.version), self.loop_load
+                    )
                 servable.warm_up(context)
         except LoadError:
             servable.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,17 @@ class OnnxOptions(BaseModel):
 
 
 class OnnxModel:
-    """The `onnx` runtime: one model version, one ONNX Runtime session per instance."""
+    """The `onnx` runtime: one model version, one ONNX Runtime session per instance.
+
+    With `execution.elastic_threads` (CPU, one instance, two or more threads, a model that runs in worker
+    threads), the model has two sessions: a wide one with every thread, for a batch that runs alone, and a
+    narrow one with one thread, which any number of runs share at once (a session without a thread pool can
+    run concurrently). The instance count becomes the thread count. Under load, runs on one thread each beat
+    one run on all of them: a run's threads meet at the end of every parallel section, and on a machine
+    that also runs the event loop and the network one pre-empted thread holds up the others (measured: +8
+    to +25% rows/s for MiniLM at 64 callers on 2 cores, benchmarks/RESULTS.md). One caller keeps the wide
+    session, so its latency is that of all the threads.
+    """
 
     Options = OnnxOptions
 
@@ -111,6 +122,10 @@ class OnnxModel:
         self._spin = execution.spin
         self.spinning = self._spin != "off"
         self.sessions = self._open(path)
+        self._narrow: ort.InferenceSession | None = None
+        """The one-thread session of elastic threads; None when the model is not elastic."""
+        self._running = 0
+        self._lock = threading.Lock()
         self.providers: list[str] = list(self.sessions[0].get_providers())
         if execution.providers == "cuda" and "CUDAExecutionProvider" not in self.providers:
             raise LoadError("execution.providers = 'cuda' but ONNX Runtime could not create a CUDA session")
@@ -119,11 +134,12 @@ class OnnxModel:
         self.instances = len(self.sessions)
         self._output_names = [s.name for s in self.outputs]
 
-    def _open(self, path: str) -> list[ort.InferenceSession]:
-        """One session per instance, with this runtime's threads and spinning; `path` as reasons show it."""
+    def _open(self, path: str, threads: int = 0, count: int = 0) -> list[ort.InferenceSession]:
+        """`count` sessions (default: one per instance) of `threads` threads (default: this runtime's), with
+        its spinning; `path` as reasons show it."""
         execution = self.config.execution
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = self.threads
+        session_options.intra_op_num_threads = threads or self.threads
         session_options.inter_op_num_threads = 1
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         session_options.log_severity_level = 3
@@ -141,7 +157,7 @@ class OnnxModel:
         except OSError as exc:
             raise LoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
         sessions: list[ort.InferenceSession] = []
-        for _ in range(execution.instances):
+        for _ in range(count or execution.instances):
             try:
                 session = ort.InferenceSession(
                     data,
@@ -157,21 +173,59 @@ class OnnxModel:
         return sessions
 
     def tune(self, inline: bool) -> bool:
-        """`execution.spin = "auto"`: stop spinning when one-row batches run on the event loop.
+        """Told whether one-row batches run on the event loop: `execution.spin = "auto"` stops spinning
+        there, and elastic threads start where they do not.
 
-        Spinning pool threads would take the loop's core there. Session options are fixed once a session is
-        made, so the sessions are made again; such a model is small, so that costs little. Returns whether
-        it did, so that the server warms and measures the new sessions.
+        Spinning pool threads would take the loop's core. Session options are fixed once a session is made,
+        so the sessions are made again; such a model is small, so that costs little. Runs on the event loop
+        never overlap, so elastic threads only pay for models that run in worker threads. Returns whether it
+        changed anything, so that the server warms and measures the new sessions (and, with elastic
+        threads, runs more batches at once).
         """
-        if self._spin != "auto" or not self.spinning or not inline:
-            return False
-        self.spinning = False
-        self.sessions = self._open(self._shown)
-        return True
+        changed = False
+        if self._spin == "auto" and self.spinning and inline:
+            self.spinning = False
+            self.sessions = self._open(self._shown)
+            changed = True
+        execution = self.config.execution
+        if (
+            not inline
+            and execution.elastic_threads
+            and execution.instances == 1
+            and self.threads >= 2
+            and self._narrow is None
+            and self.providers == ["CPUExecutionProvider"]
+        ):
+            self._narrow = self._open(self._shown, threads=1, count=1)[0]
+            self.instances = self.threads
+            log.info(
+                "model %s version %d: elastic threads: a batch alone runs on %d threads; under load up to %d "
+                "run at once on one thread each (execution.elastic_threads)",
+                self.name, self.version, self.threads, self.threads,
+            )  # fmt: skip
+            changed = True
+        return changed
 
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL)."""
-        session = self.sessions[instance]
+        """Runs one batch on one session; called in a worker thread (ONNX Runtime releases the GIL).
+
+        With elastic threads, instance 0 runs on the wide session while no other run is in flight (the
+        batcher gives a batch the lowest free instance, so a batch alone is always instance 0), and every
+        other run on the narrow one; warming each instance up warms both.
+        """
+        narrow = self._narrow
+        if narrow is None:
+            return self._run(self.sessions[instance], feeds)
+        with self._lock:
+            alone = instance == 0 and self._running == 0
+            self._running += 1
+        try:
+            return self._run(self.sessions[0] if alone else narrow, feeds)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _run(self, session: ort.InferenceSession, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
         # The binding under InferenceSession.run: its Python wrapper re-checks the input names (done here
         # once per request by the data plane) and costs about 3 us per run, most of a small model's run.
         core = getattr(session, "_sess", None)
@@ -185,6 +239,7 @@ class OnnxModel:
         """Lets go of the sessions, so an unloaded version's memory is freed even if something still holds
         this runtime."""
         self.sessions = []
+        self._narrow = None
 
     def describe(self) -> str:
         inputs = ", ".join(f"{s.name}:{s.describe()}" for s in self.inputs)

@@ -100,12 +100,24 @@ class ModelRunner:
         self.model = model
         self.inline_limit = inline_limit
         self.spin = spin
-        self.executor = ThreadPoolExecutor(
-            max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
-        )
+        self.executor = self._executor()
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
         self._row_elements = 0
+
+    def _executor(self) -> ThreadPoolExecutor:
+        model = self.model
+        self._workers = model.instances
+        return ThreadPoolExecutor(
+            max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
+        )
+
+    def resize(self) -> None:
+        """Matches the worker threads to the model's instances, after `LoadedModel.tune` changed them; only
+        before the model serves."""
+        if self._workers != self.model.instances:
+            self.executor.shutdown(wait=True)
+            self.executor = self._executor()
 
     def calibrate(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Measures run time at one row and at the batch limit; `feeds` holds one row per input."""
@@ -206,7 +218,7 @@ class DirectScheduler:
         self._runner = runner
         self._name = name
         self._max_queued = max_queued
-        self._free = list(range(runner.model.instances))
+        self._free = list(range(runner.model.instances - 1, -1, -1))  # pop() gives the lowest, as the Batcher
         self._ready = asyncio.Condition()
         self._waiting = 0
         self._running = 0
@@ -269,7 +281,10 @@ class DirectScheduler:
             ) from exc
         finally:
             self._running -= 1
-            self._free.append(instance)
+            free = self._free
+            free.append(instance)
+            if len(free) > 1 and free[-2] < instance:
+                free.sort(reverse=True)
             async with self._ready:
                 self._ready.notify_all()
 
