@@ -40,14 +40,16 @@ from compare_echo import measured, started
 HERE = Path(__file__).resolve().parent
 
 
-def repository(model_dir: Path, root: Path, max_batch: int, policy: str, instances: int) -> Path:
+def repository(
+    model_dir: Path, root: Path, max_batch: int, policy: str, instances: int, elastic: bool = False
+) -> Path:
     """A one-model repository serving `model_dir`'s ONNX file with the given batching."""
     entry = root / model_dir.name
     (entry / "1").mkdir(parents=True)
     (entry / "1" / "model.onnx").symlink_to((model_dir / "1" / "model.onnx").resolve())
     (entry / "config.toml").write_text(
         f'[batching]\nmax_batch_size = {max_batch}\npolicy = "{policy}"\n\n'
-        f"[execution]\ninstances = {instances}\n"
+        f"[execution]\ninstances = {instances}\nelastic_threads = {str(elastic).lower()}\n"
     )
     return root
 
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         help="model instances in the server; its threads are split between them",
     )  # fmt: skip
     parser.add_argument(
+        "--elastic", action="store_true",
+        help="execution.elastic_threads: a lone batch on every thread, concurrent ones on one thread each",
+    )  # fmt: skip
+    parser.add_argument(
         "--echo", action="store_true",
         help="also measure the echo server each round and print served p50 - (ORT batch-1 p50 + echo p50)",
     )  # fmt: skip
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = repository(args.model, Path(tmp), args.max_batch, args.policy, args.instances)
+        repo = repository(args.model, Path(tmp), args.max_batch, args.policy, args.instances, args.elastic)
         command = [
             str(Path(sys.executable).with_name("sluice")), "serve", str(repo), "--port", "0",
             "--http-port", "-1", "--metrics-port", "-1", "--inference-threads", str(args.threads),
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(range {min(overs):+.2f} to {max(overs):+.2f})")  # fmt: skip
     print(
         f"{args.model.name} seq {args.seq}, {args.concurrency} callers, {args.policy}, "
-        f"{args.instances} instance(s), {args.threads} threads: served / ONNX Runtime best = "
+        f"{args.instances} instance(s), {args.threads} threads{', elastic' if args.elastic else ''}: "
+        "served / ONNX Runtime best = "
         f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); against the first "
         f"pass's best: {statistics.median(first):.2f} (range {min(first):.2f}-{max(first):.2f})"
     )

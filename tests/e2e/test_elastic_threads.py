@@ -23,7 +23,7 @@ from support import add_digits, outputs, request, save, scrape, serving, slow_mo
 
 # Each request is its own run (policy none), always in a worker thread (inline_max_us = 0), on 2 threads
 # whatever the machine has.
-ELASTIC = """
+PLAIN = """
 [batching]
 max_batch_size = 256
 policy = "none"
@@ -32,6 +32,7 @@ policy = "none"
 intra_op_threads = 2
 inline_max_us = 0
 """
+ELASTIC = PLAIN + "elastic_threads = true\n"
 
 
 def _slow(repo: Path, name: str, config: str) -> Path:
@@ -69,12 +70,14 @@ async def test_two_batches_run_at_once_and_each_caller_gets_its_own_rows(repo: P
         np.testing.assert_allclose(outputs(response)["y"], expected, rtol=1e-4, atol=1e-4)
 
 
-async def test_models_on_the_event_loop_or_with_elastic_threads_off_keep_one_instance(repo: Path) -> None:
-    add_digits(repo)  # fast enough to run on the event loop, where runs never overlap
-    _slow(repo, "fixed", ELASTIC + "elastic_threads = false\n")
+async def test_models_on_the_event_loop_or_without_elastic_threads_keep_one_instance(repo: Path) -> None:
+    digits = add_digits(repo)  # fast enough to run on the event loop, where runs never overlap
+    config = digits / "config.toml"
+    config.write_text(config.read_text() + "elastic_threads = true\n")
+    _slow(repo, "plain", PLAIN)  # off unless asked for
     async with serving(repo) as (_, channel):
         assert await _instances(channel, "digits") == 1
-        assert await _instances(channel, "fixed") == 1
+        assert await _instances(channel, "plain") == 1
 
 
 class _Held:
@@ -95,7 +98,7 @@ class _Held:
         return self._core.run(names, feeds, options)
 
 
-def _runtime(root: Path, **execution: int) -> OnnxModel:
+def _runtime(root: Path, **execution: int | bool) -> OnnxModel:
     """The `onnx` runtime on the slow model, loaded as the server loads it, with these execution settings."""
     if not (root / "slow").exists():
         _slow(root, "slow", "")
@@ -107,7 +110,7 @@ def _runtime(root: Path, **execution: int) -> OnnxModel:
 
 
 def test_a_batch_alone_runs_on_every_thread_and_one_beside_it_on_one(tmp_path: Path) -> None:
-    model = _runtime(tmp_path, intra_op_threads=2)
+    model = _runtime(tmp_path, intra_op_threads=2, elastic_threads=True)
     assert model.instances == 1
     assert model.tune(inline=False)
     assert model.instances == 2
@@ -146,8 +149,12 @@ def test_a_batch_alone_runs_on_every_thread_and_one_beside_it_on_one(tmp_path: P
     assert (wide.runs, narrow.runs) == (2, 3)
 
 
-def test_no_elastic_threads_with_one_thread_or_several_instances(tmp_path: Path) -> None:
-    for execution in ({"intra_op_threads": 1}, {"intra_op_threads": 2, "instances": 2}):
+def test_no_elastic_threads_unless_asked_with_one_instance_of_several_threads(tmp_path: Path) -> None:
+    for execution in (
+        {"intra_op_threads": 1, "elastic_threads": True},
+        {"intra_op_threads": 2, "instances": 2, "elastic_threads": True},
+        {"intra_op_threads": 2},
+    ):
         model = _runtime(tmp_path, **execution)
         before = model.instances
         assert not model.tune(inline=False), execution
@@ -155,7 +162,7 @@ def test_no_elastic_threads_with_one_thread_or_several_instances(tmp_path: Path)
 
 
 def test_a_model_on_the_event_loop_gets_no_second_session(tmp_path: Path) -> None:
-    model = _runtime(tmp_path, intra_op_threads=2)
+    model = _runtime(tmp_path, intra_op_threads=2, elastic_threads=True)
     model.tune(inline=True)
     assert model.instances == 1
     assert model._narrow is None

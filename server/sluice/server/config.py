@@ -103,11 +103,11 @@ class ExecutionConfig(_Frozen):
         "cores; auto: on, except for models fast enough to run on the event loop.",
     )
     elastic_threads: bool = Field(
-        default=True,
+        default=False,
         description="On CPU, with instances = 1 and 2 or more threads, for a model that runs in worker "
         "threads: a batch that runs alone uses every thread, and while one runs, more start at once on one "
-        "thread each (more rows/s under load: no waits between threads). Costs a second session (the "
-        "weights again).",
+        "thread each. More rows/s under a deep queue, fewer with few closed-loop callers of short runs "
+        "(docs/scale.md); costs a second session (the weights again).",
     )
     inline_max_us: float | None = Field(
         default=None,

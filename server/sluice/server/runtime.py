@@ -97,11 +97,12 @@ class OnnxModel:
     With `execution.elastic_threads` (CPU, one instance, two or more threads, a model that runs in worker
     threads), the model has two sessions: a wide one with every thread, for a batch that runs alone, and a
     narrow one with one thread, which any number of runs share at once (a session without a thread pool can
-    run concurrently). The instance count becomes the thread count. Under load, runs on one thread each beat
-    one run on all of them: a run's threads meet at the end of every parallel section, and on a machine
-    that also runs the event loop and the network one pre-empted thread holds up the others (measured: +8
-    to +25% rows/s for MiniLM at 64 callers on 2 cores, benchmarks/RESULTS.md). One caller keeps the wide
-    session, so its latency is that of all the threads.
+    run concurrently). The instance count becomes the thread count. Under a deep queue, runs on one thread
+    each beat one run on all of them: a run's threads meet at the end of every parallel section, and on a
+    machine that also runs the event loop and the network one pre-empted thread holds up the others (MiniLM
+    at 64 callers on 2 cores: +3 to +13% rows/s). With few callers of short runs it loses (8 callers at
+    sequence length 16: -16%), hence off by default (docs/scale.md). One caller keeps the wide session, so
+    its latency is that of all the threads.
     """
 
     Options = OnnxOptions
