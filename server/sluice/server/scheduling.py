@@ -100,27 +100,24 @@ class ModelRunner:
         self.model = model
         self.inline_limit = inline_limit
         self.spin = spin
-        self.executors = self._executors()
+        self.executor = self._executor()
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
         self._row_elements = 0
 
-    def _executors(self) -> list[ThreadPoolExecutor]:
-        """A thread per instance: an instance's runs stay on one thread (and its core's caches), where a
-        shared pool would hand a lone caller's runs to its threads in turn."""
+    def _executor(self) -> ThreadPoolExecutor:
         model = self.model
-        return [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sluice-{model.name}-{model.version}-{i}")
-            for i in range(model.instances)
-        ]
+        self._workers = model.instances
+        return ThreadPoolExecutor(
+            max_workers=model.instances, thread_name_prefix=f"sluice-{model.name}-{model.version}"
+        )
 
     def resize(self) -> None:
         """Matches the worker threads to the model's instances, after `LoadedModel.tune` changed them; only
         before the model serves."""
-        if len(self.executors) != self.model.instances:
-            for executor in self.executors:
-                executor.shutdown(wait=True)
-            self.executors = self._executors()
+        if self._workers != self.model.instances:
+            self.executor.shutdown(wait=True)
+            self.executor = self._executor()
 
     def calibrate(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Measures run time at one row and at the batch limit; `feeds` holds one row per input."""
@@ -150,16 +147,14 @@ class ModelRunner:
             return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
         spin = self.spin
-        executor = self.executors[instance]
         if spin is None:
-            return await loop.run_in_executor(executor, self.model.run, instance, feeds)
-        work = executor.submit(self.model.run, instance, feeds)
+            return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
+        work = self.executor.submit(self.model.run, instance, feeds)
         spin.hold_until_done(work)
         return await asyncio.wrap_future(work, loop=loop)
 
     def close(self) -> None:
-        for executor in self.executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _repeat(array: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.generic]:
