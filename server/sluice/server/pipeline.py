@@ -200,10 +200,10 @@ class Servable:
             providers=self.model.providers,
         )
 
-    def warm_up(self, context: PluginContext) -> None:
+    def warm_up(self, context: PluginContext, *, calibrate: bool = True) -> None:
         """Runs the config's example requests through the whole pipeline on every instance (or, with none
         listed, inputs synthesized from the model's signature), so a model that cannot run fails at load;
-        then measures the model's run time for the runner."""
+        then, unless told not to, measures the model's run time for the runner."""
         synthesized = {spec.name: _example(spec) for spec in self.model.inputs}
         examples = context.config.warmup
         for index, example in enumerate(examples):
@@ -218,7 +218,8 @@ class Servable:
             self._warm(feeds, where)
         if not examples:
             self._warm(synthesized, "warm-up")
-        self.runner.calibrate(synthesized)
+        if calibrate:
+            self.runner.calibrate(synthesized)
 
     def _warm(self, feeds: Arrays, where: str) -> None:
         for instance in range(self.model.instances):

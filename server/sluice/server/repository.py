@@ -367,12 +367,17 @@ class ModelRepository:
             # spinning); a runtime that changed how it runs is warmed and measured again.
             instances = model.instances
             if model.tune(runner.inline_at_one_row()):
-                if model.instances != instances:
+                if model.instances == instances:
+                    servable.warm_up(context)
+                else:
+                    # More instances (the onnx runtime's elastic threads): instance 0 still runs on the
+                    # session just measured, so the inline decision stands; a second measurement near the
+                    # limit could otherwise put a one-thread run of instance 1 on the event loop.
                     runner.resize()
                     servable.scheduler = make_scheduler(
                         runner, self.metrics.model(name, context.version), self.loop_load
                     )
-                servable.warm_up(context)
+                    servable.warm_up(context, calibrate=False)
         except LoadError:
             servable.close()
             raise
