@@ -38,7 +38,9 @@ class LoadedModel:
         if sparse:
             raise LoadError(f"{where} outputs: {', '.join(sparse)} declared sparse; outputs are dense arrays")
         self._where = where
-        self.instances = self._instances()
+        self.instances = self.loaded_instances = self._instances()
+        """Runs that may go at once; `loaded_instances` is the count before `tune` (elastic threads run more
+        batches at once, not more rows per second, so the queue's default size stays based on it)."""
         providers = getattr(runtime, "providers", ["unknown"])
         self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         self._threads = context.threads

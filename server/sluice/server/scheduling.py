@@ -187,8 +187,7 @@ def make_scheduler(
     config = model.config
     instances = model.instances
     if model.max_batch_size == 0:
-        # The config's instances, not the runtime's: elastic threads run more at once, not faster.
-        queue = config.batching.max_queue_rows or 32 * config.execution.instances
+        queue = config.batching.max_queue_rows or 32 * model.loaded_instances
         return DirectScheduler(runner, max_queued=queue, name=model.name)
     pad = {
         spec.name: (PadSpec(axis=o.pad.axis, dim=o.pad.dim, value=o.pad.value),)
@@ -203,8 +202,7 @@ def make_scheduler(
     batching = BatcherConfig(
         max_batch_size=model.max_batch_size,
         max_delay=config.batching.max_delay_ms / 1000,
-        max_queue_rows=config.batching.max_queue_rows
-        or 32 * model.max_batch_size * config.execution.instances,
+        max_queue_rows=config.batching.max_queue_rows or 32 * model.max_batch_size * model.loaded_instances,
         instances=instances,
         policy=config.batching.policy,
         pad=pad,
