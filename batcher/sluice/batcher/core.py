@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import sys
@@ -81,9 +82,9 @@ class Batcher:
         self._crop = config.crop
         self._queue = PendingQueue()
         self._seq = itertools.count()
-        # Free instance indexes, highest first: pop() gives the lowest, so a batch that runs alone is always
-        # instance 0 (a runtime may run it differently, see the onnx runtime's elastic threads).
-        self._free = list(range(config.instances - 1, -1, -1))
+        # Free instance indexes, a heap: a batch gets the lowest, so one that runs alone is always instance 0
+        # (a runtime may run it differently, see the onnx runtime's elastic threads).
+        self._free = list(range(config.instances))
         self._tasks: set[asyncio.Task[None]] = set()
         # Callers running their own single-request batch (see _answer), and those drain() cut short.
         self._callers_running: dict[asyncio.Task[Any], Pending] = {}
@@ -523,7 +524,7 @@ class Batcher:
         now = time.monotonic()
         queued = batch.rows + self._queue.group_rows(head.key)
         self._policy.dispatched(batch.rows, queued, now - head.arrival, now)
-        instance = self._free.pop()
+        instance = heapq.heappop(self._free)
         self._in_flight += batch.rows
         self._observer.on_batch(
             batch.rows,
@@ -575,10 +576,7 @@ class Batcher:
             log.error("model '%s': answering a run of %s failed", name, _size(batch), exc_info=exc)
         finally:
             self._in_flight -= batch.rows
-            free = self._free
-            free.append(instance)
-            if len(free) > 1 and free[-2] < instance:
-                free.sort(reverse=True)
+            heapq.heappush(self._free, instance)
             if self._wake_rows == sys.maxsize:
                 # The dispatcher sleeps until an instance frees up: this one did.
                 self._wake_rows = 1

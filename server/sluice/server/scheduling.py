@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import statistics
 import time
@@ -218,7 +219,7 @@ class DirectScheduler:
         self._runner = runner
         self._name = name
         self._max_queued = max_queued
-        self._free = list(range(runner.model.instances - 1, -1, -1))  # pop() gives the lowest, as the Batcher
+        self._free = list(range(runner.model.instances))  # a heap: a run gets the lowest, as in the Batcher
         self._ready = asyncio.Condition()
         self._waiting = 0
         self._running = 0
@@ -264,7 +265,7 @@ class DirectScheduler:
         try:
             async with asyncio.timeout(timeout), self._ready:
                 await self._ready.wait_for(lambda: bool(self._free))
-                instance = self._free.pop()
+                instance = heapq.heappop(self._free)
         except TimeoutError:
             raise DeadlineExpiredError(f"model '{self._name}': the deadline passed while queued") from None
         finally:
@@ -281,10 +282,7 @@ class DirectScheduler:
             ) from exc
         finally:
             self._running -= 1
-            free = self._free
-            free.append(instance)
-            if len(free) > 1 and free[-2] < instance:
-                free.sort(reverse=True)
+            heapq.heappush(self._free, instance)
             async with self._ready:
                 self._ready.notify_all()
 
