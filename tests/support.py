@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import struct
+import threading
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -207,3 +208,37 @@ def scrape(server: SluiceServer) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+class RunGate:
+    """Holds the runs of a test's python-runtime model in flight and counts them, per model object.
+
+    The model's `predict` runs `with support.GATE.inside(self):` (tests/ is on the server's sys.path in
+    process); runs pass while `go` is set and wait while it is clear.
+    """
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.go.set()
+        self.entered = 0
+        self.most = 0  # the most runs seen at once on one object
+        self._running: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def inside(self, owner: object) -> Iterator[None]:
+        with self._lock:
+            self.entered += 1
+            now = self._running[id(owner)] = self._running.get(id(owner), 0) + 1
+            self.most = max(self.most, now)
+        try:
+            if not self.go.wait(30):
+                raise TimeoutError("the test never let the run go")
+            yield
+        finally:
+            with self._lock:
+                self._running[id(owner)] -= 1
+
+
+GATE = RunGate()
+"""The gate a test model's runs pass; a test that holds runs makes a fresh one first."""

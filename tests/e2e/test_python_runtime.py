@@ -282,3 +282,55 @@ async def test_a_scikit_learn_model_is_served_without_onnx(repo: Path) -> None:
     np.testing.assert_array_equal(label, classifier.predict(x_test))
     assert probabilities.dtype == np.float32  # as declared, though predict_proba gives FP64
     np.testing.assert_allclose(probabilities, classifier.predict_proba(x_test), rtol=1e-5, atol=1e-6)
+
+
+GATED = """
+import support
+
+
+class Model:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def predict(self, batch):
+        with support.GATE.inside(self):
+            return {"y": batch["x"] + 1}
+"""
+
+
+@pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
+async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path, batching: str) -> None:
+    # A worker thread's run cannot be stopped: after its caller gives up it goes on, and its model object
+    # must not be handed the next request meanwhile (each object runs one batch at a time).
+    config = f"{PYTHON}\n[batching]\n{batching}\n\n[execution]\ninstances = 2\ninline_max_us = 0\n"
+    add(repo, "gated", config, GATED)
+    support.GATE = gate = support.RunGate()
+    busy = 'sluice_instances_busy{model="gated",version="1"}'
+    async with support.serving(repo, metrics=True) as (server, channel):
+        stub = pb_grpc.InferenceStub(channel)
+        x = np.array([[1, 2]], dtype=np.float32)
+        gate.go.clear()
+        before = gate.entered
+        with pytest.raises(grpc.aio.AioRpcError) as left:
+            await stub.Predict(request("gated", x=x), timeout=0.5)
+        assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert gate.entered == before + 1
+        assert support.scrape(server)[busy] == 1, "the run still computes, but its instance reads as free"
+
+        waiting = asyncio.ensure_future(stub.Predict(request("gated", id="next", x=x * 10)))
+        for _ in range(500):
+            if gate.entered == before + 2:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.entered == before + 2
+        assert gate.most == 1, "the next request ran on the model object whose run its caller had left"
+        assert support.scrape(server)[busy] == 2
+        gate.go.set()
+        response = await waiting
+        assert response.id == "next"
+        np.testing.assert_array_equal(outputs(response)["y"], x * 10 + 1)
+        for _ in range(500):
+            if support.scrape(server)[busy] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert support.scrape(server)[busy] == 0

@@ -751,6 +751,43 @@ async def test_a_batch_alone_runs_on_instance_0_whichever_instance_finished_last
     assert_idle(batcher)
 
 
+async def test_a_cancelled_run_that_goes_on_keeps_its_instance_until_it_ends() -> None:
+    # A run in a worker thread cannot be stopped when its caller leaves: the runtime says so through
+    # `lingering`, and the instance is not handed to another batch until that run really ends.
+    model = FakeModel(held=True)
+    still: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    asked: list[int] = []
+
+    def lingering(instance: int) -> asyncio.Future[None] | None:
+        asked.append(instance)
+        return still
+
+    config = BatcherConfig(max_batch_size=8, max_delay=0.0, instances=2, policy="none")
+    batcher = Batcher(model.run, config, name="test", lingering=lingering)
+    batcher.start()
+    try:
+        left = spawn(batcher, rows(1.0))
+        await until(lambda: model.running == 1)
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await within(left)
+        assert asked == [0]
+        assert batcher.busy == 1
+        second = spawn(batcher, rows(2.0))
+        await until(lambda: model.running == 1 and len(model.instances) == 2)
+        assert model.instances == [0, 1]
+        model.gate.set()
+        assert (await within(second))["y"].tolist() == [[4.0]]
+        assert batcher.busy == 1  # the first run has not ended yet
+        still.set_result(None)
+        await until(lambda: batcher.busy == 0)
+        await within(batcher.submit(rows(3.0)))
+        assert model.instances == [0, 1, 0]
+        assert asked == [0]  # only a cancelled run is asked about
+    finally:
+        await batcher.drain(0)
+
+
 async def test_policy_none_runs_every_request_alone(make: Make) -> None:
     model = FakeModel(held=True)
     batcher = make(model, policy="none")

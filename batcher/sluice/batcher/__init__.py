@@ -5,7 +5,7 @@ and the measured load, run on a fixed number of model instances, and answered wi
 """
 
 from sluice.batcher.config import BatcherConfig, PadSpec
-from sluice.batcher.core import Batcher, RunFn
+from sluice.batcher.core import Batcher, LingerFn, RunFn
 from sluice.batcher.errors import (
     BatcherClosedError,
     BatcherError,
@@ -34,6 +34,7 @@ __all__ = [
     "CooArray",
     "DeadlineExpiredError",
     "Estimates",
+    "LingerFn",
     "ModelRunError",
     "NullObserver",
     "OutputMismatchError",

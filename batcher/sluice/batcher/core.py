@@ -39,6 +39,9 @@ from sluice.batcher.sparse import CooArray
 RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 """(instance index, batched inputs) -> batched outputs, one row per input row."""
 
+LingerFn = Callable[[int], "asyncio.Future[Any] | None"]
+"""(instance index) -> None, or a future that ends when that instance's cancelled run has really stopped."""
+
 log = logging.getLogger("sluice.batcher")
 
 LIMIT_SETTLED = 16
@@ -60,13 +63,20 @@ class Batcher:
         observer: BatchObserver | None = None,
         pressure: Callable[[], float] | None = None,
         curve: CostCurve | None = None,
+        lingering: LingerFn | None = None,
     ) -> None:
         """`pressure`, when given, returns the busy fraction (0..1) of the event loop the batcher runs on;
         the adaptive policy batches harder while it is saturated. It is called on the loop's thread.
 
         `curve`, when given, is the cost curve the adaptive policy starts from and feeds (one measured
-        before, or a test's); by default it starts empty."""
+        before, or a test's); by default it starts empty.
+
+        `lingering`, when given, is asked after a run of an instance was cancelled (its caller left, or a
+        drain ran out of time) whether the work goes on regardless, as a run in a worker thread does: it
+        returns a future that ends when it stops, and until then the instance stays busy, so `run` is still
+        called at most once at a time per instance."""
         self._run = run
+        self._lingering = lingering
         self._config = config
         self._name = name
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
@@ -576,14 +586,25 @@ class Batcher:
             log.error("model '%s': answering a run of %s failed", name, _size(batch), exc_info=exc)
         finally:
             self._in_flight -= batch.rows
-            heapq.heappush(self._free, instance)
-            if self._wake_rows == sys.maxsize:
-                # The dispatcher sleeps until an instance frees up: this one did.
-                self._wake_rows = 1
-                if self._queue.rows:
-                    self._wakeup.set()
+            still = None
+            if isinstance(error, asyncio.CancelledError) and self._lingering is not None:
+                still = self._lingering(instance)
+            if still is None:
+                self._release(instance)
+            else:
+                still.add_done_callback(lambda _: self._release(instance))
             self._observer.on_batch_done(batch.rows, run_time, error, self.busy)
             self._check_idle()
+
+    def _release(self, instance: int) -> None:
+        """`instance` is free again."""
+        heapq.heappush(self._free, instance)
+        if self._wake_rows == sys.maxsize:
+            # The dispatcher sleeps until an instance frees up: this one did.
+            self._wake_rows = 1
+            if self._queue.rows:
+                self._wakeup.set()
+        self._check_idle()
 
     async def _run_once(self, batch: Batch, instance: int) -> tuple[Exception | None, float]:
         """Runs `batch` and answers its members if the outputs split back into their rows.

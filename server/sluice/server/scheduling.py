@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -105,6 +106,9 @@ class ModelRunner:
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
         self._row_elements = 0
+        # Instances whose run was cancelled while it computed in a worker thread, which cannot be stopped:
+        # the future ends when the thread's run does (see lingering()).
+        self._lingering: dict[int, asyncio.Future[None]] = {}
 
     def _executor(self) -> ThreadPoolExecutor:
         model = self.model
@@ -147,15 +151,42 @@ class ModelRunner:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
         loop = asyncio.get_running_loop()
-        spin = self.spin
-        if spin is None:
-            return await loop.run_in_executor(self.executor, self.model.run, instance, feeds)
         work = self.executor.submit(self.model.run, instance, feeds)
-        spin.hold_until_done(work)
-        return await asyncio.wrap_future(work, loop=loop)
+        if self.spin is not None:
+            self.spin.hold_until_done(work)
+        try:
+            return await asyncio.wrap_future(work, loop=loop)
+        except asyncio.CancelledError:
+            # Cancelling the wrapper cancelled a run still queued for a thread; one already running goes on.
+            if not work.done():
+                self._lingering[instance] = _ended(work, loop)
+            raise
+
+    def lingering(self, instance: int) -> asyncio.Future[None] | None:
+        """After a cancelled run of `instance`: a future that ends when its worker thread's run does, or
+        None if nothing of it still runs. The scheduler keeps the instance busy until then, so a model
+        instance never runs two batches at once (the python runtime's objects rely on it)."""
+        ended = self._lingering.pop(instance, None)
+        return None if ended is None or ended.done() else ended
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _ended(work: Future[Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A future of `loop` that ends (with None, whatever `work` returned or raised) once `work` has."""
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    def done(_: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(finish)
+
+    work.add_done_callback(done)
+    return ended
 
 
 def _repeat(array: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.generic]:
@@ -209,7 +240,14 @@ def make_scheduler(
         pad=pad,
         crop=crop,
     )
-    return Batcher(runner.run, batching, name=model.name, observer=observer, pressure=pressure)
+    return Batcher(
+        runner.run,
+        batching,
+        name=model.name,
+        observer=observer,
+        pressure=pressure,
+        lingering=runner.lingering,
+    )
 
 
 class DirectScheduler:
@@ -223,6 +261,7 @@ class DirectScheduler:
         self._ready = asyncio.Condition()
         self._waiting = 0
         self._running = 0
+        self._releasing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def start(self) -> None:
@@ -234,7 +273,7 @@ class DirectScheduler:
 
     @property
     def busy(self) -> int:
-        return self._running
+        return self._runner.model.instances - len(self._free)
 
     @property
     def batch_limit(self) -> int:
@@ -271,9 +310,11 @@ class DirectScheduler:
         finally:
             self._waiting -= 1
         self._running += 1
+        cancelled = False
         try:
             return await self._runner.run(instance, inputs)
         except asyncio.CancelledError:
+            cancelled = True
             raise
         except Exception as exc:
             log.error("model '%s' failed to run a request", self._name, exc_info=exc)
@@ -282,9 +323,23 @@ class DirectScheduler:
             ) from exc
         finally:
             self._running -= 1
-            heapq.heappush(self._free, instance)
-            async with self._ready:
-                self._ready.notify_all()
+            still = self._runner.lingering(instance) if cancelled else None
+            if still is None:
+                await self._release(instance)
+            else:
+                # The caller left but its run goes on in a worker thread: the instance is not free until
+                # that run ends.
+                still.add_done_callback(lambda _: self._later(self._release(instance)))
+
+    def _later(self, release: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(release)
+        self._releasing.add(task)  # held: the loop keeps only a weak reference to a task
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, instance: int) -> None:
+        heapq.heappush(self._free, instance)
+        async with self._ready:
+            self._ready.notify_all()
 
     async def drain(self, grace: float) -> None:
         self._closed = True
