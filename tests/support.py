@@ -213,8 +213,8 @@ def scrape(server: SluiceServer) -> dict[str, float]:
 class RunGate:
     """Holds the runs of a test's python-runtime model in flight and counts them, per model object.
 
-    The model's `predict` runs `with support.GATE.inside(self):` (tests/ is on the server's sys.path in
-    process); runs pass while `go` is set and wait while it is clear.
+    The model's `predict` (or `load`) runs `with support.GATE.inside(self):` (tests/ is on the server's
+    sys.path in process); runs pass while `go` is set and wait while it is clear.
     """
 
     def __init__(self) -> None:
@@ -222,6 +222,7 @@ class RunGate:
         self.go.set()
         self.entered = 0
         self.most = 0  # the most runs seen at once on one object
+        self.closed = 0  # calls of the model objects' close()
         self._running: dict[int, int] = {}
         self._lock = threading.Lock()
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import support
+from sluice.server.app import SluiceServer
+from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import failure, outputs, request, signature, train_digits_module
@@ -334,3 +336,48 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
                 break
             await asyncio.sleep(0.01)
         assert support.scrape(server)[busy] == 0
+
+
+SLOW_LOAD = """
+import support
+
+
+class Model:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def load(self, path):
+        with support.GATE.inside(self):
+            pass
+
+    def predict(self, batch):
+        return {"y": batch["x"] + 1}
+
+    def close(self):
+        support.GATE.closed += 1
+"""
+
+
+async def test_a_model_still_loading_when_the_server_stops_is_closed_once_loaded(repo: Path) -> None:
+    # The load runs in a thread that cannot be stopped; what it builds after the server stopped must still
+    # be let go of (the plugin contract: close() frees what it holds, once).
+    add(repo, "loading", PYTHON, SLOW_LOAD)
+    support.GATE = gate = support.RunGate()
+    gate.go.clear()
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
+    await server.start()
+    try:
+        for _ in range(1000):
+            if gate.entered:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.entered == 1
+    finally:
+        await server.stop(0, 0)
+    assert gate.closed == 0
+    gate.go.set()
+    for _ in range(1000):
+        if gate.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert gate.closed == 1

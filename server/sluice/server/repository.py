@@ -22,6 +22,7 @@ import asyncio
 import enum
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -309,27 +310,45 @@ class ModelRepository:
     async def _build_in_thread(self, context: PluginContext) -> Servable:
         """`_build` in a worker thread. The event loop does not spin beside it (a model loading, warming up
         and being timed needs the cores): the hold ends when the thread is done, or when the build is
-        cancelled before its thread started."""
+        cancelled before its thread started.
+
+        A thread cannot be stopped: if the build is cancelled (the server stops while the model loads), the
+        servable it still makes is closed as soon as it exists, so the model's `close()` runs and its
+        sessions and threads are let go."""
         spin = self.loop_load.spin
-        if spin is None:
-            return await asyncio.to_thread(self._build, context)
         loading = object()
         started = False
+        lock = threading.Lock()
+        abandoned = False
+        made: Servable | None = None
 
         def build() -> Servable:
-            nonlocal started
+            nonlocal started, made
             started = True
             try:
-                return self._build(context)
+                servable = self._build(context)
             finally:
-                spin.release(loading)
+                if spin is not None:
+                    spin.release(loading)
+            with lock:
+                if not abandoned:
+                    made = servable
+                    return servable
+            servable.close()  # nobody waits for it any more
+            return servable
 
-        spin.hold(loading)
+        if spin is not None:
+            spin.hold(loading)
         try:
             return await asyncio.to_thread(build)
         except asyncio.CancelledError:
-            if not started:
+            if not started and spin is not None:
                 spin.release(loading)
+            with lock:
+                abandoned = True
+                built = made  # made just before the cancellation: its result is never read
+            if built is not None:
+                built.close()
             raise
 
     def _build(self, context: PluginContext) -> Servable:
