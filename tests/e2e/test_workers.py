@@ -7,6 +7,7 @@ subchannel pool each), since the kernel spreads connections, not calls, over the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -116,6 +117,40 @@ async def test_workers_share_the_port_split_the_threads_and_report_together(tmp_
         assert all(count > 0 for count in answered.values()), answered
     # inference_threads is the whole server's: each of the two workers gets half.
     assert len(re.findall(r"model loaded name=digits .*threads=2 ", log.read_text())) == 2
+
+
+async def test_every_worker_serves_the_rest_door_on_one_port(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    repo.mkdir()
+    add_digits(repo)
+    log = tmp_path / "server.log"
+    metrics = free_port()
+    http = free_port()
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    ).encode()
+
+    def infer() -> int:
+        # urllib opens a connection per request, so the kernel may hand each to either worker.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v2/models/digits/infer", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            status: int = answer.status
+            return status
+
+    with workers(repo, log, metrics, http_port=http):
+        statuses = await asyncio.gather(*(asyncio.to_thread(infer) for _ in range(CONNECTIONS)))
+        assert statuses == [200] * CONNECTIONS
+        samples = await asyncio.to_thread(scrape, metrics)
+    answered = {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples.items()
+        if name == "sluice_requests_total" and dict(labels).get("method") == "REST ModelInfer"
+    }
+    # Every call counted once, by the worker that answered it; the kernel gave both workers some.
+    assert sum(answered.values()) == CONNECTIONS, answered
+    assert set(answered) == {"0", "1"}, answered
 
 
 async def test_a_killed_worker_is_restarted_and_counted(tmp_path: Path) -> None:

@@ -165,7 +165,9 @@ class SluiceServer:
         if self.settings.http_port >= 0:
             self._rest = rest.RestServer(rest.ServerAdapter(kserve_service), self.settings)
             try:
-                self.http_port = await self._rest.start(self.settings.host, self.settings.http_port)
+                self.http_port = await self._rest.start(
+                    self.settings.host, self.settings.http_port, reuse_port=self.reuse_port
+                )
             except OSError as exc:
                 exc.setting = "http_port"  # type: ignore[attr-defined]
                 raise

@@ -201,13 +201,16 @@ class RestServer:
             add("POST", f"{base}/infer", self.infer)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Binds the port (0 picks a free one) and serves; returns the port bound."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Binds the port (0 picks a free one) and serves; returns the port bound. With `reuse_port` the
+        port is shared (SO_REUSEPORT) with the other workers of `--workers N`."""
         runner = web.AppRunner(
             self.application(), access_log=None, shutdown_timeout=self.settings.grace_period_s
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context(self.settings))
+        site = web.TCPSite(
+            runner, host, port, ssl_context=ssl_context(self.settings), reuse_port=reuse_port or None
+        )
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])

@@ -1,12 +1,13 @@
-"""`sluice serve --workers N`: N server processes on one gRPC port, supervised by the one that started them.
+"""`sluice serve --workers N`: N server processes on one gRPC port (and one REST port), supervised by the one
+that started them.
 
 One process answers gRPC from one event loop, about one and a half cores' worth. Workers are full servers
 (their own models, batchers and drain), started with the spawn method so that none inherits gRPC's or ONNX
-Runtime's threads. On Linux they all bind the gRPC port with SO_REUSEPORT and the kernel spreads new
-connections over them; elsewhere SO_REUSEPORT does not balance (macOS gives every connection to one
-socket), so more than one worker is refused there.
+Runtime's threads. On Linux they all bind the gRPC port (and the REST door's) with SO_REUSEPORT and the
+kernel spreads new connections over them; elsewhere SO_REUSEPORT does not balance (macOS gives every
+connection to one socket), so more than one worker is refused there.
 
-The supervisor holds the port (bound, not listening, so no connection lands on it and nothing else can take
+The supervisor holds the ports (bound, not listening, so no connection lands on it and nothing else can take
 it while a worker restarts), restarts a worker that dies, forwards SIGTERM and SIGINT so that every worker
 drains as one server would (a worker whose supervisor is gone drains too), and serves `/metrics` for all
 of them: each worker's samples with a `worker` label, fetched from the worker's own endpoint on loopback
@@ -58,9 +59,11 @@ def worker_count(settings: ServerSettings) -> int:
     return cpu_count() if settings.workers == "auto" else settings.workers
 
 
-def worker_settings(settings: ServerSettings, workers: int, index: int, port: int) -> ServerSettings:
-    """One worker's settings: the shared port, its share of the inference threads, metrics on loopback for
-    the supervisor only, and the REST door on the first worker (aiohttp's port is not shared)."""
+def worker_settings(
+    settings: ServerSettings, workers: int, index: int, port: int, http_port: int = -1
+) -> ServerSettings:
+    """One worker's settings: the shared gRPC and REST ports, its share of the inference threads, and
+    metrics on loopback for the supervisor only."""
     threads = settings.inference_threads or cpu_count()
     return settings.model_copy(
         update={
@@ -69,7 +72,7 @@ def worker_settings(settings: ServerSettings, workers: int, index: int, port: in
             "inference_threads": max(1, threads // workers),
             "metrics_host": "127.0.0.1",
             "metrics_port": 0 if settings.metrics_port >= 0 else -1,
-            "http_port": settings.http_port if index == 0 else -1,
+            "http_port": http_port,
         }
     )
 
@@ -156,17 +159,23 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(workers)]
         self.context = multiprocessing.get_context("spawn")
         self.port = settings.port
+        self.http_port = -1
         self._stopping = False
         self._wake_read, self._wake_write = socket.socketpair()
 
-    def _reserve_port(self) -> socket.socket:
+    def _reserve_port(self, port: int) -> socket.socket:
+        """A socket bound to `port` (0: a free one), shareable, not listening: it keeps the port for the
+        workers while one restarts, and no connection lands on it."""
         host = self.settings.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         holder = socket.socket(family, socket.SOCK_STREAM)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind((host, self.settings.port))
-        self.port = holder.getsockname()[1]
+        try:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((host, port))
+        except BaseException:
+            holder.close()
+            raise
         return holder
 
     def _spawn(self, worker: Worker) -> None:
@@ -176,7 +185,7 @@ class Supervisor:
         if worker.pipe is not None:
             worker.pipe.close()
         receive, send = self.context.Pipe()
-        settings = worker_settings(self.settings, len(self.workers), worker.index, self.port)
+        settings = worker_settings(self.settings, len(self.workers), worker.index, self.port, self.http_port)
         process = self.context.Process(
             target=_worker_main,
             args=(settings, worker.index, send),
@@ -210,9 +219,14 @@ class Supervisor:
 
     def run(self) -> int:
         """Serves until SIGTERM or SIGINT; returns the exit status (0 when every worker drained cleanly)."""
-        holder = self._reserve_port()
+        holders = [self._reserve_port(self.settings.port)]
+        self.port = holders[0].getsockname()[1]
         http = None
         try:
+            if self.settings.http_port >= 0:
+                # Every worker serves the REST door too, on one shared port like gRPC's.
+                holders.append(self._reserve_port(self.settings.http_port))
+                self.http_port = holders[-1].getsockname()[1]
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._signal)
             for worker in self.workers:
@@ -232,6 +246,8 @@ class Supervisor:
             print(f"listening on {shown}:{self.port}", flush=True)
             if metrics_port is not None:
                 print(f"metrics on http://{self.settings.metrics_host}:{metrics_port}/metrics", flush=True)
+            if self.http_port >= 0:
+                print(f"rest on http://{shown}:{self.http_port}/v2", flush=True)
             log.info("%d workers serving on port %d", len(self.workers), self.port)
             if not self._supervise():
                 self._stop_all()
@@ -241,7 +257,8 @@ class Supervisor:
             if http is not None:
                 http.shutdown()
                 http.server_close()
-            holder.close()
+            for holder in holders:
+                holder.close()
 
     def _started(self) -> bool:
         """Waits until every worker has bound its ports; False if one dies or hangs first, or on a signal."""
