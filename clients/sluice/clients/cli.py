@@ -54,6 +54,18 @@ def add_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "--token", default=os.environ.get("SLUICE_AUTH_TOKEN"),
         help="bearer token, for a server started with one [SLUICE_AUTH_TOKEN]",
     )  # fmt: skip
+    common.add_argument(
+        "--tls", action="store_true",
+        help="connect over TLS, trusting the system's CA certificates unless --ca is given",
+    )  # fmt: skip
+    common.add_argument(
+        "--ca", type=Path, metavar="FILE", help="PEM CA certificates to trust for the server (implies --tls)"
+    )
+    common.add_argument(
+        "--cert", type=Path, metavar="FILE",
+        help="PEM client certificate chain, for a server that asks for one (mutual TLS; with --key)",
+    )  # fmt: skip
+    common.add_argument("--key", type=Path, metavar="FILE", help="PEM private key of --cert")
     common.add_argument("--json", action="store_true", help="print JSON instead of readable text")
 
     p = sub.add_parser("predict", parents=[common], help="run a model on inputs from .npy files or JSON")
@@ -113,13 +125,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, ClientOptions(timeout=args.timeout, token=args.token))
+def _options(args: argparse.Namespace) -> ClientOptions:
+    """The connection the flags ask for; ValueError or OSError names a flag that cannot be used."""
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together: give both or neither")
+    tls = args.tls or any(path is not None for path in (args.ca, args.cert, args.key))
+    return ClientOptions(
+        timeout=args.timeout,
+        token=args.token,
+        tls=tls,
+        root_certificates=_pem(args.ca, "--ca"),
+        certificate_chain=_pem(args.cert, "--cert"),
+        private_key=_pem(args.key, "--key"),
+    )
+
+
+def _pem(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def _run(args: argparse.Namespace, work: Any) -> int:
     try:
-        with _client(args) as client:
+        with Client(args.target, _options(args)) as client:
             work(client)
     except SluiceError as exc:
         hint = ""
@@ -362,13 +394,19 @@ def _control(args: argparse.Namespace, call: Any) -> int:
     """Runs one KServe model-control call, with the token; the server's status and message on failure."""
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        options = _options(args)
+        channel = (
+            grpc.secure_channel(args.target, options.credentials(), options=options.channel_options())
+            if options.tls
+            else grpc.insecure_channel(args.target, options=options.channel_options())
+        )
+        with channel:
             call(kpb_grpc.GRPCInferenceServiceStub(channel), metadata)
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()
         print(f"sluice {args.command}: {code.name}: {exc.details()}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"sluice {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0
