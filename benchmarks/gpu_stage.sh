@@ -3,12 +3,13 @@
 # H200: Python 3.12 with numpy, aiohttp, uvloop, tqdm, onnx, an onnxruntime and the CUDA 13 libraries, but
 # not Sluice's other dependencies), into loads small enough for one device call each.
 #
-#   benchmarks/gpu_stage.sh            # run here, where pip reaches a registry; writes .whl/ (git-ignored)
+#   benchmarks/gpu_stage.sh            # run here, where pip reaches a registry; (re)writes .gpu-stage/
 #
-# .whl/1, .whl/2, ... each hold at most 56 MiB: the wheels (for PYVER, default 3.12) of onnxruntime-gpu
+# .gpu-stage/1, 2, ... (git-ignored) each hold at most 56 MiB: the wheels (for PYVER, default 3.12) of onnxruntime-gpu
 # and of every dependency the image lacks, at the versions this checkout's .venv runs, Sluice's own wheel,
 # and MiniLM's model.onnx (examples/export_minilm.py builds it here). A file over the limit is cut into
-# NAME.part-NN pieces, one per load; gpu.sh puts them back together. .whl/PLAN.txt lists the device calls:
+# NAME.part-NNN pieces with a NAME.pieces manifest (count, sha256); gpu.sh checks and joins them.
+# .gpu-stage/PLAN.txt lists the device calls:
 # each load copied to /tmp/stage on the (warm) device machine, then
 # `GPU_SH_STAGE=/tmp/stage benchmarks/gpu.sh "$OUT"`.
 #
@@ -18,8 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
 LIMIT_MIB=${LIMIT_MIB:-56}
+if ((LIMIT_MIB < 1 || LIMIT_MIB > 60)); then echo "gpu_stage.sh: LIMIT_MIB must be 1 to 60" >&2; exit 2; fi
 PY=.venv/bin/python
-STAGE=.whl
+STAGE=.gpu-stage
 rm -rf "$STAGE"
 mkdir -p "$STAGE/all"
 
@@ -48,9 +50,10 @@ else
 fi
 
 "$PY" - "$STAGE" "$LIMIT_MIB" <<'PYEOF'
-"""Cuts .whl/all into loads of at most LIMIT MiB (big files into pieces) and writes the plan. onnxruntime-gpu
+"""Cuts .gpu-stage/all into loads of at most LIMIT MiB (big files into pieces) and writes the plan. onnxruntime-gpu
 goes in loads of its own, last: they can be skipped where the image's onnxruntime has CUDA already."""
 
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -66,9 +69,15 @@ def cut(paths: list[Path]) -> list[Piece]:
         if size <= limit:
             pieces.append((path.name, path))
             continue
+        count = -(-size // limit)
+        digest = hashlib.sha256()
         with path.open("rb") as file:
-            for n in range(-(-size // limit)):
-                pieces.append((f"{path.name}.part-{n:02d}", file.read(limit)))
+            for n in range(count):
+                data = file.read(limit)
+                digest.update(data)
+                pieces.append((f"{path.name}.part-{n:03d}", data))
+        manifest = f"{count} {digest.hexdigest()}\n".encode()
+        pieces.append((f"{path.name}.pieces", manifest))
     return pieces
 
 
@@ -90,12 +99,27 @@ def pack(pieces: list[Piece]) -> list[list[Piece]]:
     return loads
 
 
+def group(paths: list[Path]) -> list[list[Piece]]:
+    """The loads of `paths`; the manifests of cut files (a few bytes) go in the first, so that gpu.sh can
+    tell a piece that never arrived."""
+    pieces = cut(paths)
+    manifests = [p for p in pieces if p[0].endswith(".pieces")]
+    loads = pack([p for p in pieces if p not in manifests])
+    if loads:
+        loads[0] += manifests
+    return loads
+
+
 files = sorted((stage / "all").iterdir())
 runtime = [p for p in files if p.name.startswith("onnxruntime_gpu-")]
-loads = pack(cut([p for p in files if p not in runtime]))
+loads = group([p for p in files if p not in runtime])
 optional = len(loads)  # loads after this one hold onnxruntime-gpu only
-loads += pack(cut(runtime))
-plan = [f"{len(loads)} device calls, each within 30 s of the last (the machine stays warm that long):", ""]
+loads += group(runtime)
+plan = [
+    f"{len(loads)} calls that carry a load, then the run: {len(loads) + 1} device calls, each within 30 s of",
+    "the last (the machine stays warm that long):",
+    "",
+]
 for i, load in enumerate(loads, 1):
     folder = stage / str(i)
     folder.mkdir()
@@ -106,7 +130,8 @@ for i, load in enumerate(loads, 1):
             (folder / name).write_bytes(data)
     check = " && python3 -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'"
     plan.append(
-        f'{i}. carry [".whl/{i}"]: mkdir -p /tmp/stage && cp .whl/{i}/* /tmp/stage/{check if i == 1 else ""}'
+        f'{i}. carry [".gpu-stage/{i}"]: mkdir -p /tmp/stage && cp .gpu-stage/{i}/* /tmp/stage/'
+        + (check if i == 1 else "")
     )
     total = sum(size(p) for p in load) / 2**20
     note = " (onnxruntime-gpu: skip if call 1 listed CUDAExecutionProvider)" if i > optional else ""

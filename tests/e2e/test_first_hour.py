@@ -160,6 +160,25 @@ async def test_a_taken_metrics_port_is_one_line() -> None:
     )
 
 
+async def test_one_port_for_two_doors_is_refused_even_with_workers() -> None:
+    # Under --workers every socket shares its port (SO_REUSEPORT): without this check the kernel would hand
+    # half the connections to the wrong door.
+    port = free_port()
+    code, out, err = await sluice(
+        "serve", "--port", str(port), "--http-port", str(port), "--metrics-port", "-1", "--workers", "2"
+    )
+    assert (code, out) == (2, "")
+    assert err == (
+        f"sluice serve: http_port={port} is also the gRPC port; choose another with --http-port (0 picks a "
+        "free one, -1 turns the REST port off)\n"
+    )
+    code, out, err = await sluice(
+        "serve", "--port", "0", "--http-port", str(port), "--metrics-port", str(port)
+    )
+    assert (code, out) == (2, "")
+    assert err.startswith(f"sluice serve: metrics_port={port} is also the REST port")
+
+
 async def test_a_missing_repository_or_socket_directory_is_one_line(tmp_path: Path) -> None:
     code, out, err = await sluice("serve", str(tmp_path / "modles"), "--port", "0", "--metrics-port", "-1")
     assert (code, out) == (2, "")

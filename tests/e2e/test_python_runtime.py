@@ -297,7 +297,21 @@ class Model:
     def predict(self, batch):
         with support.GATE.inside(self):
             return {"y": batch["x"] + 1}
+
+    def close(self):
+        support.GATE.closed += 1
 """
+
+
+def _ended_early(samples: dict[str, float], model: str) -> float:
+    """Requests of `model` the server answered DEADLINE_EXCEEDED or counted CANCELLED."""
+    return sum(
+        value
+        for sample, value in samples.items()
+        if sample.startswith("sluice_requests_total{")
+        and f'model="{model}"' in sample
+        and ('code="DEADLINE_EXCEEDED"' in sample or 'code="CANCELLED"' in sample)
+    )
 
 
 @pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
@@ -317,6 +331,11 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
             await stub.Predict(request("gated", x=x), timeout=0.5)
         assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert gate.entered == before + 1
+        for _ in range(500):  # the server has seen the caller go (its deadline, or the RPC cancelled)
+            if _ended_early(support.scrape(server), "gated"):
+                break
+            await asyncio.sleep(0.01)
+        assert _ended_early(support.scrape(server), "gated") == 1
         assert support.scrape(server)[busy] == 1, "the run still computes, but its instance reads as free"
 
         waiting = asyncio.ensure_future(stub.Predict(request("gated", id="next", x=x * 10)))
@@ -336,6 +355,28 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
                 break
             await asyncio.sleep(0.01)
         assert support.scrape(server)[busy] == 0
+
+
+@pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
+async def test_a_stop_waits_for_a_run_its_caller_left(repo: Path, batching: str) -> None:
+    # The drain's grace covers a run that still computes after its caller gave up: the model is closed only
+    # once that run has ended, not under it.
+    config = f"{PYTHON}\n[batching]\n{batching}\n\n[execution]\ninline_max_us = 0\n"
+    add(repo, "gated", config, GATED)
+    support.GATE = gate = support.RunGate()
+    async with support.serving(repo) as (server, channel):
+        stub = pb_grpc.InferenceStub(channel)
+        gate.go.clear()
+        with pytest.raises(grpc.aio.AioRpcError) as left:
+            await stub.Predict(request("gated", x=np.ones((1, 2), np.float32)), timeout=0.5)
+        assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stopping = asyncio.ensure_future(server.stop(10, 0))
+        await asyncio.sleep(0.5)
+        assert gate.closed == 0, "the model was closed while a run still computed in it"
+        assert not stopping.done()
+        gate.go.set()
+        await stopping
+        assert gate.closed == 1
 
 
 SLOW_LOAD = """
@@ -381,3 +422,51 @@ async def test_a_model_still_loading_when_the_server_stops_is_closed_once_loaded
             break
         await asyncio.sleep(0.01)
     assert gate.closed == 1
+
+
+TWO_VERSIONS = """
+import support
+
+
+class Model:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def load(self, path):
+        if path.name == "2":  # version 1 loads at once, version 2 waits for the test
+            with support.GATE.inside(self):
+                pass
+
+    def predict(self, batch):
+        return {"y": batch["x"] + 1}
+
+    def close(self):
+        support.GATE.closed += 1
+"""
+
+
+async def test_every_version_built_for_a_stopped_server_is_closed(repo: Path) -> None:
+    # Version 1 finished loading, version 2 was still loading when the server stopped: both are closed.
+    add(repo, "two", 'versions = "all"\n' + PYTHON, TWO_VERSIONS)
+    second = repo / "two" / "2"
+    second.mkdir()
+    (second / "model.py").write_text(textwrap.dedent(TWO_VERSIONS))
+    support.GATE = gate = support.RunGate()
+    gate.go.clear()
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
+    await server.start()
+    try:
+        for _ in range(1000):
+            if gate.entered:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.entered == 1
+        await asyncio.sleep(0.5)  # version 1, a few milliseconds of work, is built meanwhile
+    finally:
+        await server.stop(0, 0)
+    gate.go.set()
+    for _ in range(1000):
+        if gate.closed == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert gate.closed == 2

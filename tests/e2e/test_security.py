@@ -145,6 +145,7 @@ async def test_the_command_line_client_speaks_tls_and_mutual_tls(repo: Path, pki
         code, _, err = await _cli("health", *target, "--ca", str(pki["ca"]))  # no client certificate
         assert code == 1
         assert "UNAVAILABLE" in err
+        assert "over TLS, check that --ca trusts its certificate" in err
         code, _, err = await _cli("health", *target, "--ca", str(pki["ca"]), "--cert", str(pki["client"]))
         assert code == 2
         assert "--cert and --key go together" in err

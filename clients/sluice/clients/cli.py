@@ -158,8 +158,15 @@ def _run(args: argparse.Namespace, work: Any) -> int:
         if exc.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in exc.message:
             hint = (
                 f" (is a server running at {args.target}? Start one with `sluice serve`, or point --target "
-                "or SLUICE_TARGET at it)"
+                "or SLUICE_TARGET at it"
             )
+            if args.tls or args.ca or args.cert:
+                # A refused handshake reads the same as no server.
+                hint += (
+                    "; over TLS, check that --ca trusts its certificate and that --cert and --key are given "
+                )
+                hint += "if it asks for a client certificate"
+            hint += ")"
         print(f"sluice {args.command}: {exc.code.name}: {exc.message}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:

@@ -159,6 +159,21 @@ def preflight(settings: ServerSettings) -> None:
             f"metrics_port={settings.metrics_port} is also the gRPC port; choose another with "
             "--metrics-port (0 picks a free one, -1 turns metrics off)"
         )
+    if settings.http_port > 0 and settings.http_port == settings.port:
+        # Under --workers every socket shares its port (SO_REUSEPORT), so nothing else would refuse this:
+        # the kernel would hand half the connections to the wrong protocol.
+        raise StartupError(
+            f"http_port={settings.http_port} is also the gRPC port; choose another with --http-port "
+            "(0 picks a free one, -1 turns the REST port off)"
+        )
+    if settings.http_port > 0 and (settings.metrics_host, settings.metrics_port) == (
+        settings.host,
+        settings.http_port,
+    ):
+        raise StartupError(
+            f"metrics_port={settings.metrics_port} is also the REST port; choose another with "
+            "--metrics-port (0 picks a free one, -1 turns metrics off)"
+        )
     _check_port("port", settings.host, settings.port)
     _check_port("metrics_port", settings.metrics_host, settings.metrics_port)
     _check_port("http_port", settings.host, settings.http_port)

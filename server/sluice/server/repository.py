@@ -334,7 +334,7 @@ class ModelRepository:
                 if not abandoned:
                     made = servable
                     return servable
-            servable.close()  # nobody waits for it any more
+            _close_unused(servable, context)  # nobody waits for it any more
             return servable
 
         if spin is not None:
@@ -348,7 +348,7 @@ class ModelRepository:
                 abandoned = True
                 built = made  # made just before the cancellation: its result is never read
             if built is not None:
-                built.close()
+                _close_unused(built, context)
             raise
 
     def _build(self, context: PluginContext) -> Servable:
@@ -407,6 +407,11 @@ class ModelRepository:
 
     # -- changing what serves ---------------------------------------------------------------------------
 
+    async def _discard(self, servable: Servable) -> None:
+        """Stops and closes a version that was built but never served."""
+        await servable.scheduler.drain(0.0)
+        servable.close()
+
     async def _apply(self, entry: ModelEntry, plan: Plan, *, retry: bool) -> list[str]:
         """Builds what `plan` asks for while the current versions serve, then moves traffic in one step.
 
@@ -433,14 +438,26 @@ class ModelRepository:
                 current[version] = VersionEntry(version, path)  # LOADING, shown by Health meanwhile
         entry.versions = sorted(current.values(), key=lambda v: v.version, reverse=True)
         entry.unloaded = False
-        results = await asyncio.gather(
-            *(self._build_version(entry.name, plan.config, v, p) for v, p in builds.items())
-        )
+        tasks = [
+            asyncio.ensure_future(self._build_version(entry.name, plan.config, v, p))
+            for v, p in builds.items()
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            # Stopped while loading: gather cancelled the builds still going (each closes what its thread
+            # goes on to make); the versions that had finished are closed here, never served.
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled() and task.exception() is None:
+                    servable, _ = task.result()
+                    if servable is not None:
+                        await self._discard(servable)
+            raise
         built = {v: s for v, (s, _) in zip(builds, results, strict=True) if s is not None}
         if self._closing:
             for servable in built.values():  # the server stopped while they loaded: never served
-                await servable.scheduler.drain(0.0)
-                servable.close()
+                await self._discard(servable)
             return []
         failed = {v: r for v, (s, r) in zip(builds, results, strict=True) if s is None}
         failures = [f"version {v}: {r}" for v, r in sorted(failed.items(), reverse=True)]
@@ -763,3 +780,13 @@ def _files(path: Path) -> Fingerprint:
         return tuple(found)
     except OSError:
         return ()  # gone while being read: the next poll sees what is left
+
+
+def _close_unused(servable: Servable, context: PluginContext) -> None:
+    """Closes a servable built for nobody (its load was cancelled); a failure is logged, not raised, so that
+    it cannot replace the cancellation."""
+    try:
+        servable.close()
+    except Exception:
+        log.exception("model %s version %d: closing it after a cancelled load failed", context.model,
+                      context.version)  # fmt: skip

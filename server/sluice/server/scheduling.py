@@ -260,7 +260,6 @@ class DirectScheduler:
         self._free = list(range(runner.model.instances))  # a heap: a run gets the lowest, as in the Batcher
         self._ready = asyncio.Condition()
         self._waiting = 0
-        self._running = 0
         self._releasing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -309,7 +308,6 @@ class DirectScheduler:
             raise DeadlineExpiredError(f"model '{self._name}': the deadline passed while queued") from None
         finally:
             self._waiting -= 1
-        self._running += 1
         cancelled = False
         try:
             return await self._runner.run(instance, inputs)
@@ -322,7 +320,6 @@ class DirectScheduler:
                 f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
             ) from exc
         finally:
-            self._running -= 1
             still = self._runner.lingering(instance) if cancelled else None
             if still is None:
                 await self._release(instance)
@@ -345,7 +342,8 @@ class DirectScheduler:
         self._closed = True
         try:
             async with asyncio.timeout(grace), self._ready:
-                await self._ready.wait_for(lambda: self._running == 0 and self._waiting == 0)
+                # Instances, not callers: a run whose caller left still computes in its worker thread.
+                await self._ready.wait_for(lambda: self.busy == 0 and self._waiting == 0)
         except TimeoutError:
             pass  # What is still running is cancelled with its RPC when the gRPC server stops.
 

@@ -17,6 +17,7 @@ when scraped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
@@ -163,9 +164,9 @@ class Supervisor:
         self._stopping = False
         self._wake_read, self._wake_write = socket.socketpair()
 
-    def _reserve_port(self, port: int) -> socket.socket:
+    def _reserve_port(self, port: int, setting: str = "port") -> socket.socket:
         """A socket bound to `port` (0: a free one), shareable, not listening: it keeps the port for the
-        workers while one restarts, and no connection lands on it."""
+        workers while one restarts, and no connection lands on it. An OSError says which `setting`."""
         host = self.settings.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         holder = socket.socket(family, socket.SOCK_STREAM)
@@ -173,8 +174,9 @@ class Supervisor:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             holder.bind((host, port))
-        except BaseException:
+        except OSError as exc:
             holder.close()
+            exc.setting = setting  # type: ignore[attr-defined]
             raise
         return holder
 
@@ -225,7 +227,7 @@ class Supervisor:
         try:
             if self.settings.http_port >= 0:
                 # Every worker serves the REST door too, on one shared port like gRPC's.
-                holders.append(self._reserve_port(self.settings.http_port))
+                holders.append(self._reserve_port(self.settings.http_port, "http_port"))
                 self.http_port = holders[-1].getsockname()[1]
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._signal)
@@ -243,6 +245,8 @@ class Supervisor:
                 metrics_port = http.server_port
             host = self.settings.host
             shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            if ":" in shown:
+                shown = f"[{shown}]"  # an IPv6 address, as a URL and grpc write it
             print(f"listening on {shown}:{self.port}", flush=True)
             if metrics_port is not None:
                 print(f"metrics on http://{self.settings.metrics_host}:{metrics_port}/metrics", flush=True)
@@ -343,4 +347,17 @@ def serve(settings: ServerSettings) -> int:
     if not sys.platform.startswith("linux"):
         print("sluice serve: workers > 1 needs Linux (SO_REUSEPORT balancing)", file=sys.stderr)
         return 2
-    return Supervisor(settings, worker_count(settings)).run()
+    try:
+        return Supervisor(settings, worker_count(settings)).run()
+    except OSError as exc:
+        # A port taken between the preflight and the supervisor's binding of it.
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        from sluice.server.cli import _port_taken
+
+        setting = getattr(exc, "setting", "port")
+        print(
+            f"sluice serve: {_port_taken(setting, settings.host, getattr(settings, setting))}",
+            file=sys.stderr,
+        )
+        return 2
