@@ -121,7 +121,7 @@ async def _serve(repo: Path) -> SluiceServer:
 
 # ---- Triton's client, in its own virtualenv --------------------------------------------------------------
 
-SCENARIOS = ("wire", "metadata", "config", "infer", "stream", "errors", "statistics")
+SCENARIOS = ("wire", "metadata", "config", "infer", "stream", "errors", "statistics", "classify")
 
 
 async def _run_triton_client(repo: Path) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def test_metadata_and_readiness(triton: dict[str, Any]) -> None:
         True, True, False, False,
     )  # fmt: skip
     assert seen["server"]["name"] == "sluice"
-    assert set(seen["server"]["extensions"]) >= {"model_configuration", "statistics"}
+    assert set(seen["server"]["extensions"]) >= {"classification", "model_configuration", "statistics"}
     # The batch dimension is in the shape, as -1 (int64 fields are strings in protobuf's JSON).
     assert seen["add"] == {
         "name": "add",
@@ -499,6 +499,51 @@ async def test_stream_reports_an_error_for_its_request_and_goes_on(
         assert np.frombuffer(answer.infer_response.raw_output_contents[0], "<f4").tolist() == [i + 1.0] * 4
 
 
+def _classes(raw: bytes) -> list[str]:
+    """A raw BYTES tensor's elements (4-byte little-endian length, then the bytes) as text."""
+    items, at = [], 0
+    while at < len(raw):
+        size = int.from_bytes(raw[at : at + 4], "little")
+        items.append(raw[at + 4 : at + 4 + size].decode())
+        at += 4 + size
+    return items
+
+
+async def test_classification_ranks_a_stream_answer_and_an_unbatched_model(
+    kserve: kpb_grpc.GRPCInferenceServiceAsyncStub,
+) -> None:
+    x = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], np.float32)
+
+    def wanted(count: int) -> list[kpb.ModelInferRequest.InferRequestedOutputTensor]:
+        output = kpb.ModelInferRequest.InferRequestedOutputTensor(name="y")
+        output.parameters["classification"].int64_param = count
+        return [output]
+
+    async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
+        yield kpb.ModelInferRequest(
+            model_name="add", id="s", inputs=[_typed("x", "FP32", x)], outputs=wanted(1)
+        )
+
+    (answer,) = [a async for a in kserve.ModelStreamInfer(requests())]
+    assert answer.error_message == ""
+    (tensor,) = answer.infer_response.outputs
+    assert (tensor.datatype, list(tensor.shape)) == ("BYTES", [2, 1])
+    assert _classes(answer.infer_response.raw_output_contents[0]) == ["4.000000:1", "8.000000:2"]
+    # Without a batch dimension the whole output is one ranking.
+    request = kpb.ModelInferRequest(model_name="fixed", inputs=[_typed("x", "FP32", x)], outputs=wanted(3))
+    response = await kserve.ModelInfer(request)
+    assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == ("BYTES", [3])
+    assert _classes(response.raw_output_contents[0]) == ["8.000000:6", "7.000000:7", "6.000000:4"]
+    del request.outputs[:]
+    request.outputs.extend(wanted(0))
+    with pytest.raises(grpc.aio.AioRpcError) as zero:
+        await kserve.ModelInfer(request)
+    assert zero.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert zero.value.details() == (
+        "output 'y': parameter 'classification' must be a positive integer (how many classes to return), got 0"
+    )
+
+
 async def test_metadata_and_config_of_a_model_that_does_not_batch(
     kserve: kpb_grpc.GRPCInferenceServiceAsyncStub,
 ) -> None:
@@ -623,3 +668,14 @@ async def test_reflection_describes_the_service(kserve_channel: grpc.aio.Channel
         "sluice/kserve/v2/grpc_service.proto",
         "sluice/kserve/v2/model_config.proto",
     }
+
+
+def test_an_output_asked_for_as_a_classification_comes_back_ranked(triton: dict[str, Any]) -> None:
+    # Triton's classification extension (class_count): y = x + 1, its two highest values per batch item,
+    # as BYTES "<value>:<index>".
+    seen = triton["classify"]
+    assert seen["y"] == [["4.000000:1", "3.000000:3"], ["8.000000:2", "7.000000:3"]]
+    assert seen["datatype"] == "BYTES"
+    assert seen["strings"]["message"].startswith(
+        "output 'echo': parameter 'classification' ranks numbers, and this output holds strings"
+    )

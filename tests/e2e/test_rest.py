@@ -155,6 +155,7 @@ async def test_health_and_server_metadata(rest: Rest) -> None:
     assert status == 200
     assert server["name"] == "sluice"
     assert server["extensions"] == [
+        "classification",
         "model_configuration",
         "statistics",
         "model_repository",

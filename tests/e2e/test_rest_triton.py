@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Triton's client in tests/kserve/.venv: run `make test`, which builds it from "
     "tests/kserve/requirements.txt",
 )
-SCENARIOS = ("metadata", "config", "infer", "errors", "statistics")
+SCENARIOS = ("metadata", "config", "infer", "errors", "statistics", "classify")
 
 
 async def _run(repo: Path) -> dict[str, Any]:
@@ -125,3 +125,14 @@ def test_statistics_count_what_ran(triton: dict[str, Any]) -> None:
     assert add["inference_count"] == 4
     assert add["last_inference"] > 0
     assert [m["name"] for m in triton["statistics"]["all"]["model_stats"]] == ["add", "echo", "pair"]
+
+
+def test_an_output_asked_for_as_a_classification_comes_back_ranked(triton: dict[str, Any]) -> None:
+    # Triton's classification extension (class_count): y = x + 1, its two highest values per batch item,
+    # as BYTES "<value>:<index>".
+    seen = triton["classify"]
+    assert seen["y"] == [["4.000000:1", "3.000000:3"], ["8.000000:2", "7.000000:3"]]
+    assert seen["datatype"] == "BYTES"
+    assert seen["strings"]["message"].startswith(
+        "output 'echo': parameter 'classification' ranks numbers, and this output holds strings"
+    )

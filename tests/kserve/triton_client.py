@@ -213,9 +213,33 @@ def control(client: triton.InferenceServerClient) -> dict[str, Any]:
     return out
 
 
+def classify(client: triton.InferenceServerClient) -> dict[str, Any]:
+    """Triton's classification extension, asked for as its clients do (`class_count`)."""
+    x = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], dtype=np.float32)
+    ranked = client.infer(
+        "add", [_input("x", x, "FP32")], outputs=[triton.InferRequestedOutput("y", class_count=2)]
+    )
+    out: dict[str, Any] = {
+        "y": [[item.decode() for item in row] for row in ranked.as_numpy("y")],
+        "datatype": ranked.get_output("y").datatype,
+    }
+    text = np.array([["a", "b"]], dtype=np.object_)
+    try:
+        client.infer(
+            "echo",
+            [_input("text", text, "BYTES")],
+            outputs=[triton.InferRequestedOutput("echo", class_count=1)],
+        )
+    except InferenceServerException as exc:
+        out["strings"] = {"status": exc.status(), "message": exc.message()}
+    else:
+        out["strings"] = None
+    return out
+
+
 SCENARIOS: dict[str, Callable[[triton.InferenceServerClient], dict[str, Any]]] = {
     f.__name__: f
-    for f in (wire, metadata, config, infer, stream, errors, statistics, statistics_load, control)
+    for f in (wire, metadata, config, infer, stream, errors, statistics, statistics_load, control, classify)
 }
 
 

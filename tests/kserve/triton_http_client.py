@@ -105,8 +105,37 @@ def statistics(client: triton.InferenceServerClient) -> dict[str, Any]:
     return {"add": client.get_inference_statistics("add"), "all": client.get_inference_statistics()}
 
 
+def classify(client: triton.InferenceServerClient) -> dict[str, Any]:
+    """Triton's classification extension, asked for as its clients do (`class_count`)."""
+    x = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], dtype=np.float32)
+    ranked = client.infer(
+        "add",
+        [_input("x", x, "FP32")],
+        outputs=[triton.InferRequestedOutput("y", binary_data=False, class_count=2)],
+    )
+    out: dict[str, Any] = {
+        "y": [
+            [item.decode() if isinstance(item, bytes) else item for item in row]
+            for row in ranked.as_numpy("y")
+        ],
+        "datatype": ranked.get_output("y")["datatype"],
+    }
+    text = np.array([["a", "b"]], dtype=np.object_)
+    try:
+        client.infer(
+            "echo",
+            [_input("text", text, "BYTES")],
+            outputs=[triton.InferRequestedOutput("echo", class_count=1)],
+        )
+    except InferenceServerException as exc:
+        out["strings"] = {"status": exc.status(), "message": exc.message()}
+    else:
+        out["strings"] = None
+    return out
+
+
 SCENARIOS: dict[str, Callable[[triton.InferenceServerClient], dict[str, Any]]] = {
-    f.__name__: f for f in (metadata, config, infer, errors, statistics)
+    f.__name__: f for f in (metadata, config, infer, errors, statistics, classify)
 }
 
 

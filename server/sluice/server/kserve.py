@@ -19,15 +19,27 @@ from typing import Any
 import grpc
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
-from sluice.server import grpc_door, kserve_models
+from sluice.server import classification, grpc_door, kserve_models
 from sluice.server.config import parse_override
 from sluice.server.core import DataPlane, InferResult
 from sluice.server.errors import Code, SluiceError, clip, invalid, not_found
-from sluice.server.kserve_tensors import describe, encode_output_into, model_version, to_request
+from sluice.server.kserve_tensors import (
+    classifications,
+    describe,
+    encode_output_into,
+    model_version,
+    to_request,
+)
 from sluice.server.pipeline import Servable
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "model_repository(unload_dependents)")
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+)
 """The Triton extensions served in full (ServerMetadata lists them)."""
 
 _NO_SHM = "Sluice does not support {} shared memory; send tensors in raw_input_contents or contents"
@@ -187,18 +199,22 @@ class KServeService:
             raise invalid("no model name given")
 
     async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
-        result = await self.plane.infer(to_request(request), deadline, describe)
+        infer = to_request(request)
+        classes = classifications(request)
+        result = await self.plane.infer(infer, deadline, describe)
         response = kpb.ModelInferResponse()
-        self._fill(response, request, result)
+        self._fill(response, request, result, classes)
         return response
 
     async def stream_answer(
         self, request: kpb.ModelInferRequest, deadline: float | None
     ) -> kpb.ModelStreamInferResponse:
-        result = await self.plane.infer(to_request(request), deadline, describe)
+        infer = to_request(request)
+        classes = classifications(request)
+        result = await self.plane.infer(infer, deadline, describe)
         answer = kpb.ModelStreamInferResponse()
         # Filled in place: a response built apart would be copied into the stream answer.
-        self._fill(answer.infer_response, request, result)
+        self._fill(answer.infer_response, request, result, classes)
         return answer
 
     @staticmethod
@@ -217,9 +233,14 @@ class KServeService:
         return kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     def _fill(
-        self, response: kpb.ModelInferResponse, request: kpb.ModelInferRequest, result: InferResult
+        self,
+        response: kpb.ModelInferResponse,
+        request: kpb.ModelInferRequest,
+        result: InferResult,
+        classes: dict[str, int] | None = None,
     ) -> None:
-        """Writes a result into an empty response, in place."""
+        """Writes a result into an empty response, in place; `classes`: the outputs asked for as
+        classifications, with their counts."""
         servable = result.servable
         response.model_name = servable.name
         response.model_version = servable.version_label
@@ -227,6 +248,9 @@ class KServeService:
         add = response.outputs.add
         raws = response.raw_output_contents
         for name, array in result.outputs:
+            if classes is not None and name in classes:
+                batched = servable.model.max_batch_size > 0
+                array = classification.classify(name, array, classes[name], batched)
             # Made in place: a tensor built apart would be copied into the response.
             raws.append(encode_output_into(add(), name, array))
         final = request.parameters.get("triton_enable_empty_final_response")

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
+from sluice.server import classification
 from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor, integer_parameter, timeout_parameter
 from sluice.server.errors import clip, invalid
 from sluice.server.plugins import TensorSpec
@@ -171,6 +172,18 @@ def _contents_field(datatype: int) -> str | None:
         return {4: "fp32_contents", 8: "fp64_contents"}.get(dtype.itemsize)
     prefix = "int" if dtype.kind == "i" else "uint"
     return f"{prefix}64_contents" if dtype.itemsize == 8 else f"{prefix}_contents"
+
+
+def classifications(request: kpb.ModelInferRequest) -> dict[str, int] | None:
+    """The outputs asked for as classifications (Triton's extension: parameter `classification` = N), N by
+    name; None when there are none, as for most requests."""
+    found: dict[str, int] | None = None
+    for output in request.outputs:
+        if output.parameters and (param := output.parameters.get(classification.PARAMETER)) is not None:
+            if found is None:
+                found = {}
+            found[output.name] = classification.class_count(output.name, _value(param))
+    return found
 
 
 def priority(parameters: Mapping[str, kpb.InferParameter]) -> int:

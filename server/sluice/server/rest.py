@@ -23,7 +23,7 @@ from aiohttp import web
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
-from sluice.server import kserve_models, rest_codec
+from sluice.server import classification, kserve_models, rest_codec
 from sluice.server.core import InferRequest, InferResult
 from sluice.server.errors import Code, SluiceError, clip, invalid, not_found, to_status
 from sluice.server.kserve import EXTENSIONS, KServeService
@@ -301,9 +301,16 @@ class RestServer:
         del body
         infer = rest_codec.to_request(parsed, binary, model, version)
         _, binary_outputs, binary_default = rest_codec.binary_outputs(parsed)
+        classes = rest_codec.classifications(parsed)
         result = await self.adapter.infer(infer)
-        tensors, chunks = rest_codec.encode_outputs(dict(result.outputs), binary_outputs, binary_default)
         servable = result.servable
+        outputs = dict(result.outputs)
+        if classes is not None:
+            batched = servable.model.max_batch_size > 0
+            for name, count in classes.items():
+                if name in outputs:
+                    outputs[name] = classification.classify(name, outputs[name], count, batched)
+        tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
         answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
         if infer.id:
             answer["id"] = infer.id

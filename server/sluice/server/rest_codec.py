@@ -27,6 +27,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from sluice.server import classification
 from sluice.server.core import ANY_VARIABLE, InferRequest, WireTensor, integer_parameter, timeout_parameter
 from sluice.server.errors import clip, invalid
 from sluice.server.kserve_tensors import BYTES, encode_output, kserve_type, model_version, wire_datatype
@@ -242,6 +243,20 @@ def binary_outputs(request: Mapping[str, Any]) -> tuple[list[str], dict[str, boo
                 raise invalid(f"output '{name}': binary_data must be true or false, got {json.dumps(wants)}")
             binary[name] = wants
     return names, binary, default
+
+
+def classifications(request: Mapping[str, Any]) -> dict[str, int] | None:
+    """The outputs asked for as classifications (Triton's extension: `"parameters": {"classification": N}`),
+    N by name; None when there are none. Call after `binary_outputs`, which checks the entries' form."""
+    found: dict[str, int] | None = None
+    for output in field(request, "outputs", list, "", []):
+        parameters = output.get("parameters")
+        if isinstance(parameters, dict) and classification.PARAMETER in parameters:
+            name = output.get("name", "")
+            if found is None:
+                found = {}
+            found[name] = classification.class_count(name, parameters[classification.PARAMETER])
+    return found
 
 
 def encode_outputs(

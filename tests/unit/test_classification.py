@@ -1,0 +1,51 @@
+"""Triton's classification extension: the ranking and the strings, as Triton's clients read them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sluice.server.classification import class_count, classify
+from sluice.server.errors import Code, SluiceError
+
+
+def test_each_batch_item_ranks_its_own_values_best_first() -> None:
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32)
+    got = classify("probabilities", scores, 2, batched=True)
+    assert got.shape == (2, 2)
+    # Floats print as C++'s std::to_string (six decimals); among equal values the lower index comes first.
+    assert got.tolist() == [["0.700000:1", "0.200000:2"], ["0.500000:0", "0.250000:1"]]
+
+
+def test_integers_unsigned_and_booleans_print_as_numbers() -> None:
+    assert classify("y", np.array([1, 5, 10, 4]), 2, batched=False).tolist() == ["10:2", "5:1"]
+    assert classify("y", np.array([[3, 250, 7]], dtype=np.uint8), 3, batched=True).tolist() == [
+        ["250:1", "7:2", "3:0"]
+    ]
+    assert classify("y", np.array([False, True]), 1, batched=False).tolist() == ["1:1"]
+
+
+def test_a_batch_item_of_several_axes_is_ranked_whole_and_nan_comes_last() -> None:
+    x = np.array([[[1.0, np.nan], [3.0, 2.0]]])  # one item, 2x2: flat indexes 0..3
+    assert classify("y", x, 4, batched=True).tolist() == [["3.000000:2", "2.000000:3", "1.000000:0", "nan:1"]]
+
+
+def test_asking_for_more_classes_than_there_are_gives_them_all() -> None:
+    assert classify("y", np.array([[2.0, 1.0]]), 5, batched=True).shape == (1, 2)
+
+
+def test_strings_and_bad_counts_are_the_callers_mistake() -> None:
+    with pytest.raises(SluiceError) as strings:
+        classify("text", np.array(["a", "b"], dtype=object), 1, batched=False)
+    assert strings.value.code == Code.INVALID_ARGUMENT
+    assert "output 'text': parameter 'classification' ranks numbers, and this output holds strings" in (
+        strings.value.message
+    )
+    for bad in (0, -3, True, 2.5, "3"):
+        with pytest.raises(SluiceError) as count:
+            class_count("probabilities", bad)
+        assert count.value.code == Code.INVALID_ARGUMENT
+        assert "output 'probabilities': parameter 'classification' must be a positive integer" in (
+            count.value.message
+        )
+    assert class_count("probabilities", 3) == 3
