@@ -299,7 +299,7 @@ def test_statistics_count_what_ran(triton: dict[str, Any]) -> None:
 @pytest.fixture
 async def kserve_channel(repo: Path) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to a server with the models above, and: types (every typed numeric type), half (FP16),
-    blob (a BYTES input), fixed (add without batching)."""
+    blob (a BYTES input), fixed (add without batching), labeled (add, its output's classes named)."""
     _repository(repo)
     save(types_model(), repo / "types" / "1" / "model.onnx")
     save(half_model(), repo / "half" / "1" / "model.onnx")
@@ -308,6 +308,9 @@ async def kserve_channel(repo: Path) -> AsyncIterator[grpc.aio.Channel]:
     (repo / "blob" / "1" / "model.py").write_text(textwrap.dedent(BLOB))
     save(add_model(1.0), repo / "fixed" / "1" / "model.onnx")
     (repo / "fixed" / "config.toml").write_text("[batching]\nmax_batch_size = 0\n")
+    save(add_model(1.0), repo / "labeled" / "1" / "model.onnx")
+    (repo / "labeled" / "config.toml").write_text('[outputs.y]\nlabels = "labels.txt"\n')
+    (repo / "labeled" / "labels.txt").write_text("zero\none\ntwo\nthree\n")
     server = await _serve(repo)
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield channel
@@ -542,6 +545,19 @@ async def test_classification_ranks_a_stream_answer_and_an_unbatched_model(
     assert zero.value.details() == (
         "output 'y': parameter 'classification' must be a positive integer (how many classes to return), got 0"
     )
+
+
+async def test_classification_strings_end_in_the_labels_of_the_output(
+    kserve: kpb_grpc.GRPCInferenceServiceAsyncStub,
+) -> None:
+    config = (await kserve.ModelConfig(kpb.ModelConfigRequest(name="labeled"))).config
+    assert [(o.name, o.label_filename) for o in config.output] == [("y", "labels.txt")]
+    output = kpb.ModelInferRequest.InferRequestedOutputTensor(name="y")
+    output.parameters["classification"].int64_param = 2
+    x = np.array([[0, 3, 1, 2]], np.float32)
+    request = kpb.ModelInferRequest(model_name="labeled", inputs=[_typed("x", "FP32", x)], outputs=[output])
+    response = await kserve.ModelInfer(request)
+    assert _classes(response.raw_output_contents[0]) == ["4.000000:1:one", "3.000000:3:three"]
 
 
 async def test_metadata_and_config_of_a_model_that_does_not_batch(

@@ -48,6 +48,7 @@ EXPECTED = {
     ),
     "plugin_path": "plugin_path/1/coefficients.json: no such file",
     "warmup_file": "warmup[0].x: cannot read warmup_file/missing.bin: No such file or directory",
+    "labels_file": "outputs.y.labels: cannot read labels_file/labels.txt: No such file or directory",
 }
 
 
@@ -69,6 +70,7 @@ def broken(repo: Path) -> Path:
     # A third-party runtime (tests/plugin_package) whose own message names the absolute path.
     _add(repo, "plugin_path", '[runtime]\nname = "polynomial"\n')
     _add(repo, "warmup_file", 'warmup = [{ x = { file = "missing.bin" } }]\n' + PYTHON_CONFIG, ECHO)
+    _add(repo, "labels_file", PYTHON_CONFIG + '\n[outputs.y]\nlabels = "labels.txt"\n', ECHO)
     return repo
 
 

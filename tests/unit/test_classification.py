@@ -49,3 +49,10 @@ def test_strings_and_bad_counts_are_the_callers_mistake() -> None:
             count.value.message
         )
     assert class_count("probabilities", 3) == 3
+
+
+def test_labels_end_the_strings_of_the_classes_they_name() -> None:
+    scores = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+    got = classify("probabilities", scores, 3, batched=True, labels=["cat", "dog"])
+    # Class 2 has no line in the labels file: its string has no label.
+    assert got.tolist() == [["0.700000:1:dog", "0.200000:2", "0.100000:0:cat"]]

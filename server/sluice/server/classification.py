@@ -1,14 +1,16 @@
 """Triton's classification extension, on both KServe doors: an output requested with the parameter
 `classification = N` comes back as its N highest values, best first, as BYTES strings "<value>:<index>".
 
-Triton's clients ask for it with `InferRequestedOutput(name, class_count=N)`; their image classifier examples
-read it. Shape [batch, N] for a model that batches (each batch item's values ranked on their own, whatever
-their shape), [N] for one that does not; a model with fewer than N values gives them all. Values print as
-C++'s std::to_string does in Triton (six decimals for floating point, integers as they are).
+Triton's clients ask for it with `InferRequestedOutput(name, class_count=N)`; their image classifier
+examples read it. With a labels file (`outputs.NAME.labels` in config.toml) the strings end in ":<label>".
+Shape [batch, N] for a model that batches (each batch item's values ranked on their own, whatever their
+shape), [N] for one that does not; a model with fewer than N values gives them all. Values print as C++'s
+std::to_string does in Triton (six decimals for floating point, integers as they are).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,15 @@ def class_count(output: str, value: object) -> int:
     return value
 
 
-def classify(output: str, array: npt.NDArray[Any], count: int, batched: bool) -> npt.NDArray[np.object_]:
-    """`array`'s `count` highest values per batch item (or in all, unbatched) as "<value>:<index>" strings."""
+def classify(
+    output: str,
+    array: npt.NDArray[Any],
+    count: int,
+    batched: bool,
+    labels: Sequence[str] | None = None,
+) -> npt.NDArray[np.object_]:
+    """`array`'s `count` highest values per batch item (or in all, unbatched) as "<value>:<index>" strings,
+    with ":<label>" where `labels` names the index."""
     kind = array.dtype.kind
     if kind not in "biuf":
         raise invalid(
@@ -48,8 +57,12 @@ def classify(output: str, array: npt.NDArray[Any], count: int, batched: bool) ->
     values = np.take_along_axis(rows, order, axis=1)
     text = _float if kind == "f" else _integer
     ranked = np.empty(order.shape, dtype=object)
+    named = labels or ()
     for r, (row_values, row_order) in enumerate(zip(values.tolist(), order.tolist(), strict=True)):
-        ranked[r] = [f"{text(v)}:{i}" for v, i in zip(row_values, row_order, strict=True)]
+        ranked[r] = [
+            f"{text(v)}:{i}:{named[i]}" if i < len(named) else f"{text(v)}:{i}"
+            for v, i in zip(row_values, row_order, strict=True)
+        ]
     return ranked if batched and array.ndim else ranked[0]
 
 

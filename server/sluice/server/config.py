@@ -55,6 +55,12 @@ class TensorConfig(_Frozen):
     crop: CropConfig | None = Field(
         default=None, description="Outputs only (`outputs.NAME.crop`): crop this axis per request."
     )
+    labels: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Outputs only: a file of labels, one per line, class 0 first, relative to the model "
+        "directory; Triton's classification strings of this output end in `:<label>` (its label_filename).",
+    )
 
 
 class BatchingConfig(_Frozen):
@@ -201,6 +207,8 @@ class ModelConfig(_Frozen):
         for key, tensor in self.inputs.items():
             if tensor.crop is not None:
                 raise ValueError(f"inputs.{key}.crop: crop applies to outputs; inputs are padded with `pad`")
+            if tensor.labels is not None:
+                raise ValueError(f"inputs.{key}.labels: labels name the classes of an output")
         for key, tensor in self.outputs.items():
             if tensor.pad is not None:
                 raise ValueError(

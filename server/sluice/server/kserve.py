@@ -250,7 +250,8 @@ class KServeService:
         for name, array in result.outputs:
             if classes is not None and name in classes:
                 batched = servable.model.max_batch_size > 0
-                array = classification.classify(name, array, classes[name], batched)
+                labels = servable.model.labels.get(name)
+                array = classification.classify(name, array, classes[name], batched, labels)
             # Made in place: a tensor built apart would be copied into the response.
             raws.append(encode_output_into(add(), name, array))
         final = request.parameters.get("triton_enable_empty_final_response")

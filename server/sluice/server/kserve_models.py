@@ -11,7 +11,7 @@ import math
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
-from sluice.server.config import LatestVersions
+from sluice.server.config import LatestVersions, ModelConfig
 from sluice.server.kserve_tensors import tensor_metadata, triton_type
 from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
@@ -58,7 +58,12 @@ def config(servable: Servable) -> mc.ModelConfig:
             for s in servable.inputs
         ],
         output=[
-            mc.ModelOutput(name=s.name, data_type=triton_type(s.datatype), dims=_dims(s, batches))
+            mc.ModelOutput(
+                name=s.name,
+                data_type=triton_type(s.datatype),
+                dims=_dims(s, batches),
+                label_filename=_label_file(settings, s),
+            )
             for s in servable.outputs
         ],
     )
@@ -152,3 +157,9 @@ def index(entries: list[ModelEntry], ready_only: bool) -> kpb.RepositoryIndexRes
                 continue
             out.models.add(name=entry.name, version=str(v.version), state=state, reason=v.reason)
     return out
+
+
+def _label_file(settings: ModelConfig, spec: TensorSpec) -> str:
+    """The output's labels file as config.toml names it (Triton's label_filename), or ""."""
+    override = settings.outputs.get(spec.graph_name)
+    return override.labels if override is not None and override.labels is not None else ""

@@ -45,6 +45,8 @@ class LoadedModel:
         self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         self._threads = context.threads
         self.max_batch_size = _batch_size(self.inputs, self.outputs, context.config)
+        self.labels: dict[str, list[str]] = _labels(self.outputs, self.config.outputs, context)
+        """Class labels by public output name, from `outputs.NAME.labels` (Triton's classification)."""
 
     @property
     def threads(self) -> int:
@@ -183,3 +185,22 @@ def _batch_size(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
             "dimension; set it to 0 or export the model with a dynamic batch axis"
         )
     return wanted
+
+
+def _labels(
+    outputs: tuple[TensorSpec, ...], configs: Mapping[str, TensorConfig], context: PluginContext
+) -> dict[str, list[str]]:
+    """The labels files of `outputs.NAME.labels`, read once at load; LoadError when one cannot be read."""
+    found: dict[str, list[str]] = {}
+    for spec in outputs:
+        config = configs.get(spec.graph_name)
+        if config is None or config.labels is None:
+            continue
+        path = context.resolve(config.labels)
+        try:
+            found[spec.name] = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            shown = context.display(path)
+            raise LoadError(f"outputs.{spec.graph_name}.labels: cannot read {shown}: {why}") from None
+    return found

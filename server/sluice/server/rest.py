@@ -309,7 +309,8 @@ class RestServer:
             batched = servable.model.max_batch_size > 0
             for name, count in classes.items():
                 if name in outputs:
-                    outputs[name] = classification.classify(name, outputs[name], count, batched)
+                    labels = servable.model.labels.get(name)
+                    outputs[name] = classification.classify(name, outputs[name], count, batched, labels)
         tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
         answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
         if infer.id:

@@ -198,8 +198,11 @@ class ModelOutput(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DATA_TYPE_FIELD_NUMBER: _builtins.int
     DIMS_FIELD_NUMBER: _builtins.int
+    LABEL_FILENAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     data_type: Global___DataType.ValueType
+    label_filename: _builtins.str
+    """The output's labels file (config.toml's outputs.NAME.labels), used by the classification extension."""
     @_builtins.property
     def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -208,10 +211,11 @@ class ModelOutput(_message.Message):
         name: _builtins.str = ...,
         data_type: Global___DataType.ValueType = ...,
         dims: _abc.Iterable[_builtins.int] | None = ...,
+        label_filename: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "label_filename", b"label_filename", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
