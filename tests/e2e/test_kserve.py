@@ -311,6 +311,12 @@ async def kserve_channel(repo: Path) -> AsyncIterator[grpc.aio.Channel]:
     save(add_model(1.0), repo / "labeled" / "1" / "model.onnx")
     (repo / "labeled" / "config.toml").write_text('[outputs.y]\nlabels = "labels.txt"\n')
     (repo / "labeled" / "labels.txt").write_text("zero\none\ntwo\nthree\n")
+    # The same, its output renamed `scores` and replaced by the topk postprocessor's `scores`.
+    save(add_model(1.0), repo / "ranked" / "1" / "model.onnx")
+    (repo / "ranked" / "config.toml").write_text(
+        'postprocess = [{ name = "topk", k = 2 }]\n\n[outputs.y]\nname = "scores"\nlabels = "labels.txt"\n'
+    )
+    (repo / "ranked" / "labels.txt").write_text("zero\none\ntwo\nthree\n")
     server = await _serve(repo)
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield channel
@@ -558,6 +564,13 @@ async def test_classification_strings_end_in_the_labels_of_the_output(
     request = kpb.ModelInferRequest(model_name="labeled", inputs=[_typed("x", "FP32", x)], outputs=[output])
     response = await kserve.ModelInfer(request)
     assert _classes(response.raw_output_contents[0]) == ["4.000000:1:one", "3.000000:3:three"]
+    # A postprocessor's output of the same name is another tensor: the model's labels do not name it.
+    config = (await kserve.ModelConfig(kpb.ModelConfigRequest(name="ranked"))).config
+    assert [(o.name, o.label_filename) for o in config.output] == [("classes", ""), ("scores", "")]
+    output.name = "scores"
+    request = kpb.ModelInferRequest(model_name="ranked", inputs=[_typed("x", "FP32", x)], outputs=[output])
+    response = await kserve.ModelInfer(request)
+    assert _classes(response.raw_output_contents[0]) == ["4.000000:0", "3.000000:1"]
 
 
 async def test_metadata_and_config_of_a_model_that_does_not_batch(

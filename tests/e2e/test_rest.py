@@ -625,3 +625,44 @@ async def test_http_port_off(repo: Path) -> None:
         assert server.http_port is None
     finally:
         await server.stop(0)
+
+
+@pytest.fixture
+async def labeled(tmp_path: Path) -> AsyncIterator[Rest]:
+    """A server with `labeled` (add, its output's classes named) and `echo` (STRING)."""
+    save(add_model(1.0), tmp_path / "labeled" / "1" / "model.onnx")
+    (tmp_path / "labeled" / "config.toml").write_text('[outputs.y]\nlabels = "labels.txt"\n')
+    # A byte-order mark and spaces around a label go, as the topk postprocessor reads its labels.
+    (tmp_path / "labeled" / "labels.txt").write_text("\ufeffzero\none \ntwo\nthree\n", encoding="utf-8")
+    save(strings_model(), tmp_path / "echo" / "1" / "model.onnx")
+    server = await _serve(tmp_path, metrics_port=0)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as session:
+            yield Rest(server, session)
+    finally:
+        await server.stop(0)
+
+
+async def test_classification_over_http_with_labels_and_binary_data(labeled: Rest) -> None:
+    rest = labeled
+    x = _fp32("x", [[0, 3, 1, 2]])
+    wanted = {"name": "y", "parameters": {"classification": 2}}
+    status, body = await rest.post("/v2/models/labeled/infer", _infer(x, outputs=[wanted]))
+    assert status == 200, body
+    (y,) = body["outputs"]
+    assert (y["datatype"], y["shape"], y["data"]) == ("BYTES", [1, 2], ["4.000000:1:one", "3.000000:3:three"])
+    # As binary data: the strings raw, each after its 4-byte length.
+    binary = {"name": "y", "parameters": {"classification": 1, "binary_data": True}}
+    async with rest.session.post("/v2/models/labeled/infer", json=_infer(x, outputs=[binary])) as response:
+        raw = await response.read()
+        header = int(response.headers["Inference-Header-Content-Length"])
+    assert json.loads(raw[:header])["outputs"][0]["parameters"] == {"binary_data_size": 18}
+    assert raw[header:] == (14).to_bytes(4, "little") + b"4.000000:1:one"
+    # A string output is refused before the model runs.
+    text = {"name": "text", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}
+    status, body = await rest.post(
+        "/v2/models/echo/infer", _infer(text, outputs=[{"name": "echo", "parameters": {"classification": 1}}])
+    )
+    assert status == 400
+    assert body["error"].startswith("output 'echo': parameter 'classification' ranks numbers")
+    assert rest.server.metrics.model("echo", 1).batch_rows.counts[0] == 0

@@ -56,3 +56,34 @@ def test_labels_end_the_strings_of_the_classes_they_name() -> None:
     got = classify("probabilities", scores, 3, batched=True, labels=["cat", "dog"])
     # Class 2 has no line in the labels file: its string has no label.
     assert got.tolist() == [["0.700000:1:dog", "0.200000:2", "0.100000:0:cat"]]
+
+
+def test_the_lowest_signed_integer_ranks_last() -> None:
+    # -x wraps at a signed type's minimum (-(-128) is -128 in INT8): it must not rank first.
+    assert classify("y", np.array([-128, 5, 0], dtype=np.int8), 3, batched=False).tolist() == [
+        "5:1",
+        "0:2",
+        "-128:0",
+    ]
+    lowest = np.iinfo(np.int64).min
+    assert classify("y", np.array([[lowest, -1]]), 1, batched=True).tolist() == [["-1:1"]]
+
+
+def test_a_large_output_is_ranked_as_a_full_sort_would() -> None:
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.int16, np.uint8):
+        x = rng.integers(0, 50, size=(3, 5000)).astype(dtype)  # many ties
+        got = classify("y", x, 7, batched=True)
+        for row, ranked in zip(x, got, strict=True):
+            order = sorted(range(len(row)), key=lambda i: (-float(row[i]), i))[:7]
+            assert [int(item.split(":")[1]) for item in ranked] == order
+
+
+def test_nan_comes_last_even_when_it_is_asked_for() -> None:
+    x = np.array([np.nan, 1.0, np.nan, 2.0])
+    assert classify("y", x, 3, batched=False).tolist() == ["2.000000:3", "1.000000:1", "nan:0"]
+
+
+def test_an_empty_label_is_no_label() -> None:
+    got = classify("y", np.array([1.0, 2.0]), 2, batched=False, labels=["", "two"])
+    assert got.tolist() == ["2.000000:1:two", "1.000000:0"]

@@ -200,7 +200,7 @@ class KServeService:
 
     async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
         infer = to_request(request)
-        classes = classifications(request)
+        classes = self._classes(request)
         result = await self.plane.infer(infer, deadline, describe)
         response = kpb.ModelInferResponse()
         self._fill(response, request, result, classes)
@@ -210,12 +210,21 @@ class KServeService:
         self, request: kpb.ModelInferRequest, deadline: float | None
     ) -> kpb.ModelStreamInferResponse:
         infer = to_request(request)
-        classes = classifications(request)
+        classes = self._classes(request)
         result = await self.plane.infer(infer, deadline, describe)
         answer = kpb.ModelStreamInferResponse()
         # Filled in place: a response built apart would be copied into the stream answer.
         self._fill(answer.infer_response, request, result, classes)
         return answer
+
+    def _classes(self, request: kpb.ModelInferRequest) -> dict[str, int] | None:
+        """The outputs asked for as classifications, checked before the model runs."""
+        classes = classifications(request)
+        if classes is not None:
+            servable = self._servable(request.model_name, request.model_version)
+            for name in classes:
+                classification.check(name, servable.outputs_by_name.get(name))
+        return classes
 
     @staticmethod
     def failed(
@@ -250,7 +259,7 @@ class KServeService:
         for name, array in result.outputs:
             if classes is not None and name in classes:
                 batched = servable.model.max_batch_size > 0
-                labels = servable.model.labels.get(name)
+                labels = servable.labels.get(name)
                 array = classification.classify(name, array, classes[name], batched, labels)
             # Made in place: a tensor built apart would be copied into the response.
             raws.append(encode_output_into(add(), name, array))

@@ -11,7 +11,7 @@ import math
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import model_config_pb2 as mc
-from sluice.server.config import LatestVersions, ModelConfig
+from sluice.server.config import LatestVersions
 from sluice.server.kserve_tensors import tensor_metadata, triton_type
 from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
@@ -62,7 +62,7 @@ def config(servable: Servable) -> mc.ModelConfig:
                 name=s.name,
                 data_type=triton_type(s.datatype),
                 dims=_dims(s, batches),
-                label_filename=_label_file(settings, s),
+                label_filename=_label_file(servable, s),
             )
             for s in servable.outputs
         ],
@@ -159,7 +159,10 @@ def index(entries: list[ModelEntry], ready_only: bool) -> kpb.RepositoryIndexRes
     return out
 
 
-def _label_file(settings: ModelConfig, spec: TensorSpec) -> str:
-    """The output's labels file as config.toml names it (Triton's label_filename), or ""."""
-    override = settings.outputs.get(spec.graph_name)
+def _label_file(servable: Servable, spec: TensorSpec) -> str:
+    """The output's labels file as config.toml names it (Triton's label_filename), or "" (none, or an
+    output a postprocessor gives, which the model's labels do not name)."""
+    if spec.name not in servable.labels:
+        return ""
+    override = servable.model.config.outputs.get(spec.graph_name)
     return override.labels if override is not None and override.labels is not None else ""

@@ -198,7 +198,8 @@ def _labels(
             continue
         path = context.resolve(config.labels)
         try:
-            found[spec.name] = path.read_text(encoding="utf-8").splitlines()
+            # As the topk postprocessor reads its labels: a byte-order mark and spaces around a line go.
+            found[spec.name] = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             shown = context.display(path)

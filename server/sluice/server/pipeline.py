@@ -59,6 +59,15 @@ class Servable:
         self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
         """What callers get: the last postprocessor's outputs, or the model's."""
         self.inputs_by_name = {spec.name: spec for spec in self.inputs}
+        self.outputs_by_name = {spec.name: spec for spec in self.outputs}
+        own = {spec.name: spec for spec in model.outputs}
+        self.labels: dict[str, list[str]] = {
+            name: labels
+            for name, labels in model.labels.items()
+            if self.outputs_by_name.get(name) is own.get(name)
+        }
+        """Class labels of the outputs that reach callers as the model gave them (a postprocessor's output
+        of the same name is another tensor, which the model's labels do not name)."""
         self.output_list = tuple(spec.name for spec in self.outputs)
         """Every output's name, in the signature's order: what a request that names none gets."""
         self._input_list = ", ".join(f"'{s.name}' ({s.describe()})" for s in self.inputs)

@@ -90,6 +90,10 @@ class ServerAdapter:
             return False
         return True
 
+    def servable(self, name: str, version: str) -> Servable:
+        """The version a request names (the default one for "")."""
+        return self._servable(name, version)
+
     def metadata(self, name: str, version: str) -> kpb.ModelMetadataResponse:
         servable = self._servable(name, version)
         return kserve_models.metadata(servable, self._repository.models[servable.name])
@@ -302,6 +306,10 @@ class RestServer:
         infer = rest_codec.to_request(parsed, binary, model, version)
         _, binary_outputs, binary_default = rest_codec.binary_outputs(parsed)
         classes = rest_codec.classifications(parsed)
+        if classes is not None:
+            asked = self.adapter.servable(model, version)
+            for name in classes:
+                classification.check(name, asked.outputs_by_name.get(name))
         result = await self.adapter.infer(infer)
         servable = result.servable
         outputs = dict(result.outputs)
@@ -309,7 +317,7 @@ class RestServer:
             batched = servable.model.max_batch_size > 0
             for name, count in classes.items():
                 if name in outputs:
-                    labels = servable.model.labels.get(name)
+                    labels = servable.labels.get(name)
                     outputs[name] = classification.classify(name, outputs[name], count, batched, labels)
         tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
         answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
