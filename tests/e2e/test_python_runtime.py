@@ -470,3 +470,5 @@ async def test_every_version_built_for_a_stopped_server_is_closed(repo: Path) ->
             break
         await asyncio.sleep(0.01)
     assert gate.closed == 2
+    # Nor do the metrics keep the scheduler of the version that never served (and the model with it).
+    assert server.metrics.model("two", 1).schedulers == []

@@ -411,6 +411,13 @@ class ModelRepository:
         """Stops and closes a version that was built but never served."""
         await servable.scheduler.drain(0.0)
         servable.close()
+        self._forget(servable)
+
+    def _forget(self, servable: Servable) -> None:
+        """The metrics stop reading the scheduler of a version that is gone (and stop holding it)."""
+        schedulers = self.metrics.model(servable.name, servable.version).schedulers
+        if servable.scheduler in schedulers:
+            schedulers.remove(servable.scheduler)
 
     async def _apply(self, entry: ModelEntry, plan: Plan, *, retry: bool) -> list[str]:
         """Builds what `plan` asks for while the current versions serve, then moves traffic in one step.
@@ -551,9 +558,7 @@ class ModelRepository:
                 self._retiring.pop(servable, None)
         await servable.scheduler.drain(max(0.0, deadline - time.monotonic()))
         servable.close()
-        schedulers = self.metrics.model(servable.name, servable.version).schedulers
-        if servable.scheduler in schedulers:
-            schedulers.remove(servable.scheduler)
+        self._forget(servable)
         if version is not None:
             version.state, version.reason, version.servable = State.UNLOADED, "unloaded", None
         log.info("model unloaded name=%s version=%d", servable.name, servable.version)
