@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import struct
+import sys
 import threading
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -208,6 +210,17 @@ def scrape(server: SluiceServer) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+async def sluice(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """Runs the `sluice` command as the console script does; returns its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluice.server.cli", *args, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 class RunGate:

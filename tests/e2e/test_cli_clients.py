@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from sluice.server.app import SluiceServer
-from support import DIGITS_DIR, DIGITS_ONNX
+from support import DIGITS_DIR, DIGITS_ONNX, sluice
 
 ROWS = np.random.default_rng(5).integers(0, 17, size=(3, 64)).astype(np.float32)
 # The bundled repository's models, as the server finds them (examples gain models over time).
 BUNDLED = sorted(
     p.name for p in DIGITS_DIR.parent.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
 )
-
-
-async def sluice(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice.server.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_predict_from_npy_and_json(server: SluiceServer, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import json
 import socket
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -21,20 +20,9 @@ from cryptography.x509.oid import NameOID
 from sluice.clients import AsyncClient, SluiceError, build_request
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
-from support import add_digits, add_model, save, scrape, serving
+from support import add_digits, add_model, save, scrape, serving, sluice
 
 ROWS = np.random.default_rng(11).integers(0, 17, size=(3, 64))
-
-
-async def sluice(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
-    """Runs the `sluice` command as the console script does; returns its exit code, stdout and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice.server.cli", *args, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import pickle
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -303,6 +303,14 @@ class Model:
 """
 
 
+async def _settled(condition: Callable[[], object]) -> None:
+    """Lets the server work until `condition` holds, for up to 10 s; the caller asserts."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 def _ended_early(samples: dict[str, float], model: str) -> float:
     """Requests of `model` the server answered DEADLINE_EXCEEDED or counted CANCELLED."""
     return sum(
@@ -331,18 +339,13 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
             await stub.Predict(request("gated", x=x), timeout=0.5)
         assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert gate.entered == before + 1
-        for _ in range(500):  # the server has seen the caller go (its deadline, or the RPC cancelled)
-            if _ended_early(support.scrape(server), "gated"):
-                break
-            await asyncio.sleep(0.01)
+        # The server has seen the caller go (its deadline, or the RPC cancelled).
+        await _settled(lambda: _ended_early(support.scrape(server), "gated"))
         assert _ended_early(support.scrape(server), "gated") == 1
         assert support.scrape(server)[busy] == 1, "the run still computes, but its instance reads as free"
 
         waiting = asyncio.ensure_future(stub.Predict(request("gated", id="next", x=x * 10)))
-        for _ in range(500):
-            if gate.entered == before + 2:
-                break
-            await asyncio.sleep(0.01)
+        await _settled(lambda: gate.entered == before + 2)
         assert gate.entered == before + 2
         assert gate.most == 1, "the next request ran on the model object whose run its caller had left"
         assert support.scrape(server)[busy] == 2
@@ -350,10 +353,7 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
         response = await waiting
         assert response.id == "next"
         np.testing.assert_array_equal(outputs(response)["y"], x * 10 + 1)
-        for _ in range(500):
-            if support.scrape(server)[busy] == 0:
-                break
-            await asyncio.sleep(0.01)
+        await _settled(lambda: support.scrape(server)[busy] == 0)
         assert support.scrape(server)[busy] == 0
 
 
@@ -379,7 +379,7 @@ async def test_a_stop_waits_for_a_run_its_caller_left(repo: Path, batching: str)
         assert gate.closed == 1
 
 
-SLOW_LOAD = """
+LOAD_GATED = """
 import support
 
 
@@ -388,8 +388,9 @@ class Model:
     outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
 
     def load(self, path):
-        with support.GATE.inside(self):
-            pass
+        if path.name in HELD:  # these versions' loads wait for the test
+            with support.GATE.inside(self):
+                pass
 
     def predict(self, batch):
         return {"y": batch["x"] + 1}
@@ -397,6 +398,7 @@ class Model:
     def close(self):
         support.GATE.closed += 1
 """
+SLOW_LOAD = LOAD_GATED.replace("HELD", '("1",)')
 
 
 async def test_a_model_still_loading_when_the_server_stops_is_closed_once_loaded(repo: Path) -> None:
@@ -408,41 +410,17 @@ async def test_a_model_still_loading_when_the_server_stops_is_closed_once_loaded
     server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
     await server.start()
     try:
-        for _ in range(1000):
-            if gate.entered:
-                break
-            await asyncio.sleep(0.01)
+        await _settled(lambda: gate.entered)
         assert gate.entered == 1
     finally:
         await server.stop(0, 0)
     assert gate.closed == 0
     gate.go.set()
-    for _ in range(1000):
-        if gate.closed:
-            break
-        await asyncio.sleep(0.01)
+    await _settled(lambda: gate.closed)
     assert gate.closed == 1
 
 
-TWO_VERSIONS = """
-import support
-
-
-class Model:
-    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
-    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
-
-    def load(self, path):
-        if path.name == "2":  # version 1 loads at once, version 2 waits for the test
-            with support.GATE.inside(self):
-                pass
-
-    def predict(self, batch):
-        return {"y": batch["x"] + 1}
-
-    def close(self):
-        support.GATE.closed += 1
-"""
+TWO_VERSIONS = LOAD_GATED.replace("HELD", '("2",)')  # version 1 loads at once
 
 
 async def test_every_version_built_for_a_stopped_server_is_closed(repo: Path) -> None:
@@ -456,19 +434,13 @@ async def test_every_version_built_for_a_stopped_server_is_closed(repo: Path) ->
     server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
     await server.start()
     try:
-        for _ in range(1000):
-            if gate.entered:
-                break
-            await asyncio.sleep(0.01)
+        await _settled(lambda: gate.entered)
         assert gate.entered == 1
         await asyncio.sleep(0.5)  # version 1, a few milliseconds of work, is built meanwhile
     finally:
         await server.stop(0, 0)
     gate.go.set()
-    for _ in range(1000):
-        if gate.closed == 2:
-            break
-        await asyncio.sleep(0.01)
+    await _settled(lambda: gate.closed == 2)
     assert gate.closed == 2
     # Nor do the metrics keep the scheduler of the version that never served (and the model with it).
     assert server.metrics.model("two", 1).schedulers == []

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
 import json
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.clients import AsyncClient, ClientOptions, Retry, SluiceError
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
-from support import add_digits
+from support import add_digits, sluice
 
 PIXELS = np.zeros((1, 64), np.float32)
 NO_RETRY = Retry(attempts=1)
@@ -115,41 +113,30 @@ async def test_tls_and_mutual_tls(repo: Path, pki: dict[str, Path]) -> None:
         await server.stop(0)
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    """The `sluice` command, as a user runs it."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice.server.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_the_command_line_client_speaks_tls_and_mutual_tls(repo: Path, pki: dict[str, Path]) -> None:
     server = await _serve(repo, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
     target = ["--target", server.address, "--timeout", "10"]
     mutual = ["--ca", str(pki["ca"]), "--cert", str(pki["client"]), "--key", str(pki["client_key"])]
     try:
         pixels = "pixels=" + json.dumps([[0] * 64])
-        code, out, err = await _cli("predict", "digits", "-i", pixels, *target, *mutual, "--json")
+        code, out, err = await sluice("predict", "digits", "-i", pixels, *target, *mutual, "--json")
         assert code == 0, err
         assert len(json.loads(out)["label"]) == 1
-        code, out, err = await _cli("health", *target, *mutual)
+        code, out, err = await sluice("health", *target, *mutual)
         assert code == 0, err
         assert "digits" in out
-        code, _, err = await _cli("unload", "digits", *target, *mutual)  # reaches the server over TLS
+        code, _, err = await sluice("unload", "digits", *target, *mutual)  # reaches the server over TLS
         assert code == 1
         assert "FAILED_PRECONDITION" in err
 
-        code, _, err = await _cli("health", *target, "--ca", str(pki["ca"]))  # no client certificate
+        code, _, err = await sluice("health", *target, "--ca", str(pki["ca"]))  # no client certificate
         assert code == 1
         assert "UNAVAILABLE" in err
         assert "over TLS, check that --ca trusts its certificate" in err
-        code, _, err = await _cli("health", *target, "--ca", str(pki["ca"]), "--cert", str(pki["client"]))
+        code, _, err = await sluice("health", *target, "--ca", str(pki["ca"]), "--cert", str(pki["client"]))
         assert code == 2
         assert "--cert and --key go together" in err
-        code, _, err = await _cli("health", *target, "--ca", str(pki["ca"]) + ".missing")
+        code, _, err = await sluice("health", *target, "--ca", str(pki["ca"]) + ".missing")
         assert code == 2
         assert "--ca" in err
         assert "No such file" in err

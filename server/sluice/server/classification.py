@@ -10,14 +10,17 @@ std::to_string does in Triton (six decimals for floating point, integers as they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from sluice.server.errors import SluiceError, clip, invalid
 from sluice.server.plugins import TensorSpec
+
+if TYPE_CHECKING:
+    from sluice.server.pipeline import Servable
 
 PARAMETER = "classification"
 
@@ -38,6 +41,17 @@ def check(output: str, spec: TensorSpec | None) -> None:
     output the request names but the model lacks, which the request's own check reports)."""
     if spec is not None and spec.dtype is None:
         raise _strings(output)
+
+
+def check_outputs(servable: Servable, classes: Mapping[str, int]) -> None:
+    """`check` for every output a request asks for as a classification."""
+    for name in classes:
+        check(name, servable.outputs_by_name.get(name))
+
+
+def rank(servable: Servable, name: str, array: npt.NDArray[Any], count: int) -> npt.NDArray[np.object_]:
+    """`classify` for one output of `servable`'s answer, with its batching and its labels."""
+    return classify(name, array, count, servable.model.max_batch_size > 0, servable.labels.get(name))
 
 
 def _strings(output: str) -> SluiceError:

@@ -221,9 +221,7 @@ class KServeService:
         """The outputs asked for as classifications, checked before the model runs."""
         classes = classifications(request)
         if classes is not None:
-            servable = self._servable(request.model_name, request.model_version)
-            for name in classes:
-                classification.check(name, servable.outputs_by_name.get(name))
+            classification.check_outputs(self._servable(request.model_name, request.model_version), classes)
         return classes
 
     @staticmethod
@@ -258,9 +256,7 @@ class KServeService:
         raws = response.raw_output_contents
         for name, array in result.outputs:
             if classes is not None and name in classes:
-                batched = servable.model.max_batch_size > 0
-                labels = servable.labels.get(name)
-                array = classification.classify(name, array, classes[name], batched, labels)
+                array = classification.rank(servable, name, array, classes[name])
             # Made in place: a tensor built apart would be copied into the response.
             raws.append(encode_output_into(add(), name, array))
         final = request.parameters.get("triton_enable_empty_final_response")

@@ -307,18 +307,14 @@ class RestServer:
         _, binary_outputs, binary_default = rest_codec.binary_outputs(parsed)
         classes = rest_codec.classifications(parsed)
         if classes is not None:
-            asked = self.adapter.servable(model, version)
-            for name in classes:
-                classification.check(name, asked.outputs_by_name.get(name))
+            classification.check_outputs(self.adapter.servable(model, version), classes)
         result = await self.adapter.infer(infer)
         servable = result.servable
         outputs = dict(result.outputs)
         if classes is not None:
-            batched = servable.model.max_batch_size > 0
             for name, count in classes.items():
                 if name in outputs:
-                    labels = servable.labels.get(name)
-                    outputs[name] = classification.classify(name, outputs[name], count, batched, labels)
+                    outputs[name] = classification.rank(servable, name, outputs[name], count)
         tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
         answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
         if infer.id:
