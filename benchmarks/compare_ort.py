@@ -41,7 +41,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def repository(
-    model_dir: Path, root: Path, max_batch: int, policy: str, instances: int, elastic: bool = False
+    model_dir: Path,
+    root: Path,
+    max_batch: int,
+    policy: str,
+    instances: int,
+    elastic: bool = False,
+    spin: str = "auto",
 ) -> Path:
     """A one-model repository serving `model_dir`'s ONNX file with the given batching."""
     entry = root / model_dir.name
@@ -50,6 +56,7 @@ def repository(
     (entry / "config.toml").write_text(
         f'[batching]\nmax_batch_size = {max_batch}\npolicy = "{policy}"\n\n'
         f"[execution]\ninstances = {instances}\nelastic_threads = {str(elastic).lower()}\n"
+        f'spin = "{spin}"\n'
     )
     return root
 
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         help="execution.elastic_threads: a lone batch on every thread, concurrent ones on one thread each",
     )  # fmt: skip
     parser.add_argument(
+        "--spin", default="auto", choices=("auto", "on", "off", "runs"),
+        help="execution.spin: when ONNX Runtime's pool threads spin (runs: only while a run is in flight)",
+    )  # fmt: skip
+    parser.add_argument(
         "--echo", action="store_true",
         help="also measure the echo server each round and print served p50 - (ORT batch-1 p50 + echo p50)",
     )  # fmt: skip
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = repository(args.model, Path(tmp), args.max_batch, args.policy, args.instances, args.elastic)
+        repo = repository(
+            args.model, Path(tmp), args.max_batch, args.policy, args.instances, args.elastic, args.spin
+        )
         command = [
             str(Path(sys.executable).with_name("sluice")), "serve", str(repo), "--port", "0",
             "--http-port", "-1", "--metrics-port", "-1", "--inference-threads", str(args.threads),
@@ -155,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         overs = [r["over_ms"] for r in rounds]
         print(f"served p50 over ONNX Runtime batch 1 + echo: median {statistics.median(overs):+.2f} ms "
               f"(range {min(overs):+.2f} to {max(overs):+.2f})")  # fmt: skip
+    options = (", elastic" if args.elastic else "") + (f", spin {args.spin}" if args.spin != "auto" else "")
     print(
         f"{args.model.name} seq {args.seq}, {args.concurrency} callers, {args.policy}, "
-        f"{args.instances} instance(s), {args.threads} threads{', elastic' if args.elastic else ''}: "
+        f"{args.instances} instance(s), {args.threads} threads{options}: "
         "served / ONNX Runtime best = "
         f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); against the first "
         f"pass's best: {statistics.median(first):.2f} (range {min(first):.2f}-{max(first):.2f})"

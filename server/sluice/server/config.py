@@ -103,10 +103,11 @@ class ExecutionConfig(_Frozen):
         default=0, ge=0, description="Threads per session; 0 shares the server's inference_threads."
     )
     cuda_device: int = Field(default=0, ge=0, description="CUDA device id when running on CUDA.")
-    spin: Literal["auto", "on", "off"] = Field(
+    spin: Literal["auto", "on", "off", "runs"] = Field(
         default="auto",
         description="Let ONNX Runtime's pool threads spin between parallel sections: faster runs, busier "
-        "cores; auto: on, except for models fast enough to run on the event loop.",
+        "cores; auto: on, except for models fast enough to run on the event loop; runs: only while a run is "
+        "in flight, not for the tens of ms after it (less CPU between sparse requests, docs/scale.md).",
     )
     elastic_threads: bool = Field(
         default=False,
