@@ -165,7 +165,8 @@ class PluginContext:
 
     @property
     def spinning(self) -> bool:
-        """Whether `execution.spin` lets a runtime's pool threads spin between parallel sections (on or auto).
+        """Whether `execution.spin` lets a runtime's pool threads spin between parallel sections (on, auto
+        or runs; with runs only while a run is in flight).
 
         With auto, a runtime that spins learns from `Runtime.tune` whether the model runs on the event loop,
         where spinning threads would take the loop's core."""

@@ -299,11 +299,13 @@ class ModelRepository:
         servable.scheduler.start()
         self.metrics.model(name, version).schedulers.append(servable.scheduler)
         model = servable.model
+        # "runs": the pool threads spin within runs only (execution.spin).
+        spinning = "runs" if model.spinning and config.execution.spin == "runs" else model.spinning
         log.info(
             "model loaded name=%s version=%d providers=%s instances=%d threads=%d spinning=%s "
             "max_batch_size=%d %s load_ms=%.0f",
             name, version, ",".join(model.providers), model.instances, model.threads,
-            model.spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
+            spinning, model.max_batch_size, model.describe(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
         return servable, ""
 
