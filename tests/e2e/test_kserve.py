@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from sluice.kserve.v2 import model_config_pb2 as mc
+from sluice.server import classification
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from support import ROOT, add_model, save, string_bytes, strings_model, two_inputs_model
@@ -518,9 +519,12 @@ def _classes(raw: bytes) -> list[str]:
     return items
 
 
+@pytest.mark.parametrize("in_thread", [False, True])
 async def test_classification_ranks_a_stream_answer_and_an_unbatched_model(
-    kserve: kpb_grpc.GRPCInferenceServiceAsyncStub,
+    kserve: kpb_grpc.GRPCInferenceServiceAsyncStub, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
+    if in_thread:  # every output counts as big: ranked in a worker thread, off the event loop
+        monkeypatch.setattr(classification, "LOOP_MAX_VALUES", 0)
     x = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], np.float32)
 
     def wanted(count: int) -> list[kpb.ModelInferRequest.InferRequestedOutputTensor]:

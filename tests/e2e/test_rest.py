@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from sluice.kserve.v2 import grpc_service_pb2 as kpb
 from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
+from sluice.server import classification
 from sluice.server.app import SluiceServer
 from sluice.server.rest_codec import message_json
 from sluice.server.settings import ServerSettings
@@ -643,7 +644,12 @@ async def labeled(tmp_path: Path) -> AsyncIterator[Rest]:
         await server.stop(0)
 
 
-async def test_classification_over_http_with_labels_and_binary_data(labeled: Rest) -> None:
+@pytest.mark.parametrize("in_thread", [False, True])
+async def test_classification_over_http_with_labels_and_binary_data(
+    labeled: Rest, monkeypatch: pytest.MonkeyPatch, in_thread: bool
+) -> None:
+    if in_thread:  # every output counts as big: ranked in a worker thread, off the event loop
+        monkeypatch.setattr(classification, "LOOP_MAX_VALUES", 0)
     rest = labeled
     x = _fp32("x", [[0, 3, 1, 2]])
     wanted = {"name": "y", "parameters": {"classification": 2}}

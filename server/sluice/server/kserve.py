@@ -202,8 +202,10 @@ class KServeService:
         infer = to_request(request)
         classes = self._classes(request)
         result = await self.plane.infer(infer, deadline, describe)
+        if classes is not None:
+            result.outputs = await classification.rank_outputs(result.servable, result.outputs, classes)
         response = kpb.ModelInferResponse()
-        self._fill(response, request, result, classes)
+        self._fill(response, request, result)
         return response
 
     async def stream_answer(
@@ -212,9 +214,11 @@ class KServeService:
         infer = to_request(request)
         classes = self._classes(request)
         result = await self.plane.infer(infer, deadline, describe)
+        if classes is not None:
+            result.outputs = await classification.rank_outputs(result.servable, result.outputs, classes)
         answer = kpb.ModelStreamInferResponse()
         # Filled in place: a response built apart would be copied into the stream answer.
-        self._fill(answer.infer_response, request, result, classes)
+        self._fill(answer.infer_response, request, result)
         return answer
 
     def _classes(self, request: kpb.ModelInferRequest) -> dict[str, int] | None:
@@ -240,14 +244,9 @@ class KServeService:
         return kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     def _fill(
-        self,
-        response: kpb.ModelInferResponse,
-        request: kpb.ModelInferRequest,
-        result: InferResult,
-        classes: dict[str, int] | None = None,
+        self, response: kpb.ModelInferResponse, request: kpb.ModelInferRequest, result: InferResult
     ) -> None:
-        """Writes a result into an empty response, in place; `classes`: the outputs asked for as
-        classifications, with their counts."""
+        """Writes a result into an empty response, in place."""
         servable = result.servable
         response.model_name = servable.name
         response.model_version = servable.version_label
@@ -255,8 +254,6 @@ class KServeService:
         add = response.outputs.add
         raws = response.raw_output_contents
         for name, array in result.outputs:
-            if classes is not None and name in classes:
-                array = classification.rank(servable, name, array, classes[name])
             # Made in place: a tensor built apart would be copied into the response.
             raws.append(encode_output_into(add(), name, array))
         final = request.parameters.get("triton_enable_empty_final_response")

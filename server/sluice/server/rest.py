@@ -310,11 +310,9 @@ class RestServer:
             classification.check_outputs(self.adapter.servable(model, version), classes)
         result = await self.adapter.infer(infer)
         servable = result.servable
-        outputs = dict(result.outputs)
         if classes is not None:
-            for name, count in classes.items():
-                if name in outputs:
-                    outputs[name] = classification.rank(servable, name, outputs[name], count)
+            result.outputs = await classification.rank_outputs(servable, result.outputs, classes)
+        outputs = dict(result.outputs)
         tensors, chunks = rest_codec.encode_outputs(outputs, binary_outputs, binary_default)
         answer: dict[str, Any] = {"model_name": servable.name, "model_version": str(servable.version)}
         if infer.id:
