@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +29,10 @@ PARAMETER = "classification"
 LOOP_MAX_VALUES = 1 << 16
 """Outputs with more values than this are ranked in a worker thread. Ranking costs about 30 ns a value here
 (176 ms for a 1x21x512x512 segmentation map): on the event loop that would hold up every other caller."""
+
+_RANKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-classify")
+"""One ranking at a time, in a pool of its own: most of it (the strings) holds the GIL, so more threads would
+only contend, and a burst of big ones must not queue model loads behind them in the default executor."""
 
 
 def class_count(output: str, value: object) -> int:
@@ -62,13 +67,18 @@ def rank(servable: Servable, name: str, array: npt.NDArray[Any], count: int) -> 
 async def rank_outputs(
     servable: Servable, outputs: Sequence[tuple[str, npt.NDArray[Any]]], classes: Mapping[str, int]
 ) -> list[tuple[str, npt.NDArray[Any]]]:
-    """`outputs` with those named in `classes` ranked (`rank`); big ones in a worker thread."""
+    """`outputs` with those named in `classes` ranked (`rank`); big ones in a worker thread, while the event
+    loop does not spin (that thread needs the core, even after a caller that gave up stops waiting)."""
     ranked: list[tuple[str, npt.NDArray[Any]]] = []
     for name, array in outputs:
         count = classes.get(name)
         if count is not None:
             if array.size > LOOP_MAX_VALUES:
-                array = await asyncio.to_thread(rank, servable, name, array, count)
+                work = _RANKER.submit(rank, servable, name, array, count)
+                spin = servable.runner.spin
+                if spin is not None:
+                    spin.hold_until_done(work)
+                array = await asyncio.wrap_future(work)
             else:
                 array = rank(servable, name, array, count)
         ranked.append((name, array))
