@@ -10,7 +10,6 @@ std::to_string does in Triton (six decimals for floating point, integers as they
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import numpy.typing as npt
 
 from sluice.server.errors import SluiceError, clip, invalid
 from sluice.server.plugins import TensorSpec
+from sluice.server.spin import in_worker
 
 if TYPE_CHECKING:
     from sluice.server.pipeline import Servable
@@ -67,18 +67,13 @@ def rank(servable: Servable, name: str, array: npt.NDArray[Any], count: int) -> 
 async def rank_outputs(
     servable: Servable, outputs: Sequence[tuple[str, npt.NDArray[Any]]], classes: Mapping[str, int]
 ) -> list[tuple[str, npt.NDArray[Any]]]:
-    """`outputs` with those named in `classes` ranked (`rank`); big ones in a worker thread, while the event
-    loop does not spin (that thread needs the core, even after a caller that gave up stops waiting)."""
+    """`outputs` with those named in `classes` ranked (`rank`); big ones in a worker thread."""
     ranked: list[tuple[str, npt.NDArray[Any]]] = []
     for name, array in outputs:
         count = classes.get(name)
         if count is not None:
             if array.size > LOOP_MAX_VALUES:
-                work = _RANKER.submit(rank, servable, name, array, count)
-                spin = servable.runner.spin
-                if spin is not None:
-                    spin.hold_until_done(work)
-                array = await asyncio.wrap_future(work)
+                array = await in_worker(_RANKER, servable.runner.spin, rank, servable, name, array, count)
             else:
                 array = rank(servable, name, array, count)
         ranked.append((name, array))

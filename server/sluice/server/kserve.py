@@ -199,11 +199,7 @@ class KServeService:
             raise invalid("no model name given")
 
     async def infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
-        infer = to_request(request)
-        classes = self._classes(request)
-        result = await self.plane.infer(infer, deadline, describe)
-        if classes is not None:
-            result.outputs = await classification.rank_outputs(result.servable, result.outputs, classes)
+        result = await self._result(request, deadline)
         response = kpb.ModelInferResponse()
         self._fill(response, request, result)
         return response
@@ -211,15 +207,20 @@ class KServeService:
     async def stream_answer(
         self, request: kpb.ModelInferRequest, deadline: float | None
     ) -> kpb.ModelStreamInferResponse:
+        result = await self._result(request, deadline)
+        answer = kpb.ModelStreamInferResponse()
+        # Filled in place: a response built apart would be copied into the stream answer.
+        self._fill(answer.infer_response, request, result)
+        return answer
+
+    async def _result(self, request: kpb.ModelInferRequest, deadline: float | None) -> InferResult:
+        """The data plane's answer, with the outputs asked for as classifications ranked."""
         infer = to_request(request)
         classes = self._classes(request)
         result = await self.plane.infer(infer, deadline, describe)
         if classes is not None:
             result.outputs = await classification.rank_outputs(result.servable, result.outputs, classes)
-        answer = kpb.ModelStreamInferResponse()
-        # Filled in place: a response built apart would be copied into the stream answer.
-        self._fill(answer.infer_response, request, result)
-        return answer
+        return result
 
     def _classes(self, request: kpb.ModelInferRequest) -> dict[str, int] | None:
         """The outputs asked for as classifications, checked before the model runs."""

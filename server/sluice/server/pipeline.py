@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from sluice.server.errors import Code, SluiceError, clip, invalid
 from sluice.server.model import LoadedModel
 from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocessor, Preprocessor, TensorSpec
 from sluice.server.scheduling import ModelRunner, Scheduler
+from sluice.server.spin import in_worker
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import datatype_of, format_shape, numpy_dtype, type_name
 
@@ -83,11 +83,7 @@ class Servable:
         """Runs a plugin step in the plugin pool; the event loop does not spin meanwhile (the step's
         thread needs the core, and the GIL for its Python parts)."""
         assert self._plugins is not None
-        work = self._plugins.submit(step, *args)
-        spin = self.runner.spin
-        if spin is not None:
-            spin.hold_until_done(work)
-        return await asyncio.wrap_future(work)
+        return await in_worker(self._plugins, self.runner.spin, step, *args)
 
     async def infer(
         self,

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Hashable
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 IDLE_PASS = 10e-6
 """A pass of the loop shorter than this ran nothing but the spin: a bare pass takes 1 to 3 us (uvloop) or 2
@@ -98,3 +100,12 @@ class LoopSpin:
             self._loop.call_soon(self._pass)
         else:
             self._loop = None
+
+
+async def in_worker(pool: Executor, spin: LoopSpin | None, work: Callable[..., _T], *args: Any) -> _T:
+    """`work(*args)` in one of `pool`'s threads; the event loop does not spin until that thread is done with
+    it (it needs the core, and the GIL for its Python parts), even if the caller stops waiting first."""
+    future = pool.submit(work, *args)
+    if spin is not None:
+        spin.hold_until_done(future)
+    return await asyncio.wrap_future(future)
