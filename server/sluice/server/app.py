@@ -24,7 +24,7 @@ from sluice.server.scheduling import LoopLoad
 from sluice.server.security import BearerToken, server_credentials
 from sluice.server.service import InferenceService
 from sluice.server.settings import ServerSettings
-from sluice.server.spin import LoopSpin
+from sluice.server.spin import LoneRuns, LoopSpin
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -54,8 +54,10 @@ class SluiceServer:
         self.metrics = Metrics()
         root = settings.model_repository or bundled_repository()
         self.spin = LoopSpin(settings.loop_spin_us / 1e6) if settings.loop_spin_us else None
-        self.loop_load = LoopLoad(spin=self.spin)
-        """How busy the event loop is, spinning left out: the adaptive batchers read it."""
+        self.lone = LoneRuns()
+        """When a lone caller's run may compute on the event loop (the data plane tells it about callers)."""
+        self.loop_load = LoopLoad(spin=self.spin, lone=self.lone)
+        """How busy the event loop is, spinning and lone runs left out: the adaptive batchers read it."""
         self.repository = ModelRepository(
             root,
             self.metrics,
@@ -75,6 +77,7 @@ class SluiceServer:
                 stream_window=settings.stream_window,
             ),
             self.spin,
+            self.lone,
         )
         self.service = InferenceService(self.plane)
         self.probes = Probes()

@@ -116,6 +116,14 @@ class ExecutionConfig(_Frozen):
         "thread each. More rows/s under a deep queue, fewer with few closed-loop callers of short runs "
         "(docs/scale.md); costs a second session (the weights again).",
     )
+    lone_on_loop_max_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="A lone caller's batch (no other request in flight in the server, for a while) expected "
+        "to run within this many ms runs on the event loop instead of a worker thread, which saves the "
+        "hand-off and the wake-up after it; a request that arrives meanwhile waits for it. For runtimes "
+        "whose runs only compute (onnx); 0: never.",
+    )
     inline_max_us: float | None = Field(
         default=None,
         ge=0,

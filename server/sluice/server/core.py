@@ -30,7 +30,7 @@ from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
 from sluice.server.repository import ModelRepository, State
-from sluice.server.spin import LoopSpin
+from sluice.server.spin import LoneRuns, LoopSpin
 from sluice.server.tensors import densify, sparse_parts
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, type_name
@@ -138,10 +138,15 @@ class DataPlane:
     """Model lookup, admission, input checks, the pipeline, and counting, for every door."""
 
     def __init__(
-        self, repository: ModelRepository, metrics: Metrics, limits: Limits, spin: LoopSpin | None = None
+        self,
+        repository: ModelRepository,
+        metrics: Metrics,
+        limits: Limits,
+        spin: LoopSpin | None = None,
+        lone: LoneRuns | None = None,
     ) -> None:
         """`spin`, when given, keeps the event loop polling for the next request for a while after the
-        last one in flight is answered."""
+        last one in flight is answered. `lone`, when given, learns from it whether callers are lone."""
         self.repository = repository
         self.metrics = metrics
         self.limits = limits
@@ -154,6 +159,9 @@ class DataPlane:
         self.last_arrival = 0.0
         """When the last call, stream or stream message arrived (time.monotonic())."""
         self._spin = spin
+        self._lone = lone
+        if lone is not None:
+            lone.requests = lambda: self.inflight
 
     # -- the server's state ---------------------------------------------------------------------------
 
@@ -202,11 +210,15 @@ class DataPlane:
                 "(max_inflight, SLUICE_MAX_INFLIGHT); retry with backoff or on another replica"
             )
         self.inflight += 1
-        if self.inflight <= 2 and self._spin is not None:
+        if self.inflight <= 2:
             if self.inflight == 1:
-                self._spin.arrived(now)
+                if self._spin is not None:
+                    self._spin.arrived(now)
             else:
-                self._spin.crowded()
+                if self._spin is not None:
+                    self._spin.crowded()
+                if self._lone is not None:
+                    self._lone.crowded()
 
     def leave(self) -> None:
         """One admitted call or stream message has its answer."""

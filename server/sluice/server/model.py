@@ -55,6 +55,12 @@ class LoadedModel:
         return threads if isinstance(threads, int) else self._threads
 
     @property
+    def loop_safe(self) -> bool:
+        """Whether the runtime's runs end on their own (no waiting on events, I/O or other requests), so a
+        lone caller's run may compute on the event loop (see sluice.server.spin.LoneRuns)."""
+        return bool(getattr(self.runtime, "loop_safe", False))
+
+    @property
     def spinning(self) -> bool:
         """Whether the runtime's pool threads spin between parallel sections (for the log)."""
         return bool(getattr(self.runtime, "spinning", False))

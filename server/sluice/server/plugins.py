@@ -274,7 +274,9 @@ class Runtime(Protocol):
     Names are the runtime's own: the core applies config.toml's `inputs.NAME` / `outputs.NAME` renames and
     shapes. Optional members: `threads` and `spinning` (for the log), and `tune(inline: bool) -> bool`, called
     once after warm-up with whether one-row batches run on the event loop; returning True (it changed how it
-    runs: the `onnx` runtime stops spinning) makes the server warm and measure it again. See docs/plugins.md.
+    runs: the `onnx` runtime stops spinning) makes the server warm and measure it again; `loop_safe = True`
+    when a run only computes and ends (never waits on an event, I/O or another request), which lets a lone
+    caller's run compute on the event loop (`execution.lone_on_loop_max_ms`). See docs/plugins.md.
     """
 
     inputs: Sequence[TensorSpec]

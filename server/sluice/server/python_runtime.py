@@ -136,6 +136,9 @@ class PythonModel:
             schemas = first.schemas() if isinstance(first, _Runner) else (None, None)
             self.inputs = _signature(options.inputs, _declared(cls, "inputs", schemas[0]), "inputs", cls)
             self.outputs = _signature(options.outputs, _declared(cls, "outputs", schemas[1]), "outputs", cls)
+            # A class that says its predict only computes (no waiting on events, I/O or other requests)
+            # lets a lone caller's run compute on the event loop (execution.lone_on_loop_max_ms).
+            self.loop_safe = not isinstance(first, _Runner) and getattr(cls, "loop_safe", False) is True
             if isinstance(first, _Runner):
                 self._owner = f"{cls.__qualname__}.{first.batch_hook}"
                 self._hooks = ThreadPoolExecutor(

@@ -374,7 +374,13 @@ class ModelRepository:
         name, config = context.model, context.config
         model = load_model(context)
         inline = config.execution.inline_max_us
-        runner = ModelRunner(model, self.thread_hop if inline is None else inline / 1e6, self.loop_load.spin)
+        runner = ModelRunner(
+            model,
+            self.thread_hop if inline is None else inline / 1e6,
+            self.loop_load.spin,
+            self.loop_load.lone,
+            config.execution.lone_on_loop_max_ms / 1e3,
+        )
         scheduler = make_scheduler(runner, self.metrics.model(name, context.version), self.loop_load)
         try:
             servable = Servable(model, runner, scheduler, self.max_bytes, pre, post)

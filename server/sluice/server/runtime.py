@@ -122,6 +122,7 @@ class OnnxModel:
         self.threads = execution.intra_op_threads or context.threads
         self._spin = execution.spin
         self.spinning = self._spin != "off"
+        self.loop_safe = True  # a run computes and ends: a lone caller's may run on the event loop
         self.sessions = self._open(path)
         self._narrow: ort.InferenceSession | None = None
         """The one-thread session of elastic threads; None when the model is not elastic."""

@@ -10,7 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +27,11 @@ from sluice.batcher import (
     QueueFullError,
 )
 from sluice.server.model import LoadedModel
-from sluice.server.spin import LoopSpin
+from sluice.server.spin import LoneRuns, LoopSpin
 
 Arrays = dict[str, npt.NDArray[np.generic]]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("sluice.server")
 
@@ -96,12 +98,24 @@ class ModelRunner:
     behind the busy loop and grow slower still.
     """
 
-    def __init__(self, model: LoadedModel, inline_limit: float, spin: LoopSpin | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        inline_limit: float,
+        spin: LoopSpin | None = None,
+        lone: LoneRuns | None = None,
+        lone_limit: float = 0.0,
+    ) -> None:
         """`spin`, the event loop's spinner if it has one, pauses while a batch computes in a worker
-        thread: that thread and ONNX Runtime's pool need the cores the loop would spin on."""
+        thread: that thread and ONNX Runtime's pool need the cores the loop would spin on. `lone`, when
+        given, lets a lone caller's run expected to take at most `lone_limit` s compute on the event loop
+        (see LoneRuns), for a runtime whose runs end on their own (`loop_safe`)."""
         self.model = model
         self.inline_limit = inline_limit
         self.spin = spin
+        self.lone = lone if lone is not None and lone_limit > 0 and model.loop_safe else None
+        self.lone_limit = lone_limit
+        self._lone_per_element = 0.0  # seconds per input element of the last lone run; 0: none yet
         self.executor = self._executor()
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
@@ -150,8 +164,35 @@ class ModelRunner:
     ) -> Mapping[str, npt.NDArray[np.generic]]:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
+        lone = self.lone
+        if lone is not None and lone.alone():
+            return await self._run_lone(lone, instance, feeds)
+        return await self._in_thread(instance, self.model.run, instance, feeds)
+
+    async def _run_lone(
+        self, lone: LoneRuns, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
+        """A lone caller's run: on the event loop when LoneRuns allows it and its last lone run says this
+        one ends within the limit, else in a worker thread, timed there for the next prediction."""
+        elements = max(_elements(feeds), 1)
+        per_element = self._lone_per_element
+        if 0 < per_element * elements <= self.lone_limit and lone.on_loop():
+            cpu, started = time.thread_time(), time.perf_counter()
+            try:
+                return self.model.run(instance, feeds)
+            finally:
+                self._lone_per_element = (time.perf_counter() - started) / elements
+                lone.computed += time.thread_time() - cpu
+        crowds = lone.crowds
+        results, seconds = await self._in_thread(instance, _timed, self.model.run, instance, feeds)
+        self._lone_per_element = seconds / elements
+        lone.ended(crowds)
+        return results
+
+    async def _in_thread(self, instance: int, run: Callable[..., _T], *args: Any) -> _T:
+        """`run(*args)` in a worker thread; a cancelled caller leaves `instance` lingering until it ends."""
         loop = asyncio.get_running_loop()
-        work = self.executor.submit(self.model.run, instance, feeds)
+        work = self.executor.submit(run, *args)
         if self.spin is not None:
             self.spin.hold_until_done(work)
         try:
@@ -171,6 +212,17 @@ class ModelRunner:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed(
+    run: Callable[[int, Mapping[str, npt.NDArray[np.generic]]], Mapping[str, npt.NDArray[np.generic]]],
+    instance: int,
+    feeds: Mapping[str, npt.NDArray[np.generic]],
+) -> tuple[Mapping[str, npt.NDArray[np.generic]], float]:
+    """`run(instance, feeds)` and the seconds it took, timed in the thread that ran it."""
+    started = time.perf_counter()
+    results = run(instance, feeds)
+    return results, time.perf_counter() - started
 
 
 def _ended(work: Future[Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -355,17 +407,22 @@ class LoopLoad:
     idle one (where waiting for company only adds latency). Call it only on the loop's thread.
     """
 
-    def __init__(self, window: float = 0.05, spin: LoopSpin | None = None) -> None:
-        """`spin`, when given, is the loop's spinner: the time the loop spent only spinning is not load."""
+    def __init__(
+        self, window: float = 0.05, spin: LoopSpin | None = None, lone: LoneRuns | None = None
+    ) -> None:
+        """`spin`, when given, is the loop's spinner: the time the loop spent only spinning is not load.
+        `lone` lets lone callers' runs compute on the loop: that time is not load either."""
         self._window = window
         self.spin = spin
+        self.lone = lone
         self._wall = time.monotonic()
         self._cpu = self._busy()
         self.value = 0.0
 
     def _busy(self) -> float:
-        spin = self.spin
-        return time.thread_time() - (spin.spun if spin is not None else 0.0)
+        spin, lone = self.spin, self.lone
+        idle = (spin.spun if spin is not None else 0.0) + (lone.computed if lone is not None else 0.0)
+        return time.thread_time() - idle
 
     def __call__(self) -> float:
         now = time.monotonic()

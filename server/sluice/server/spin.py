@@ -109,3 +109,69 @@ async def in_worker(pool: Executor, spin: LoopSpin | None, work: Callable[..., _
     if spin is not None:
         spin.hold_until_done(future)
     return await asyncio.wrap_future(future)
+
+
+class LoneRuns:
+    """Tells when a lone caller's run may compute on the event loop itself, not in a worker thread.
+
+    Handing a run to a worker thread and back costs more than the hand-off: the loop sleeps in epoll while
+    the run computes, and the answer waits for the loop's thread to be woken and scheduled again, with cold
+    caches. For a lone caller of a model that runs in a few ms that is a large share of its latency (MiniLM at
+    seq 16 on a 2-core VM: p50 3.69 -> 3.17 ms, see benchmarks/RESULTS.md). While a run computes on the
+    loop, nothing else is served, so it does that only where nobody else is there to be served:
+    - no other request is in flight anywhere in the server when the run starts (`requests`);
+    - the last `SETTLE` such runs, in worker threads, saw no second request arrive (`crowded`) from their
+      start to their end: a steady lone caller, not concurrent callers that happened to leave a gap;
+    - every `PROBE`-th lone run still goes to a worker thread: on the loop, a request that arrives meanwhile
+      is only read after the run, when it looks lone too, so only a run in a thread can see a crowd coming.
+      A probe that sees one doubles the calm runs asked for next time (up to `MOST`), so that callers whose
+      runs rarely overlap (short runs) do not flip back and forth; a calm probe halves it again.
+    A request that arrives during a run on the loop waits for the run to end: at most the model's
+    `execution.lone_on_loop_max_ms`.
+    """
+
+    SETTLE = 8
+    PROBE = 16
+    MOST = 1024
+
+    def __init__(self) -> None:
+        self.requests: Callable[[], int] = lambda: 0
+        """Requests in flight in the whole server (the data plane sets it)."""
+        self.crowds = 0
+        """Times a second request arrived while one was in flight."""
+        self.computed = 0.0
+        """Seconds of the loop thread's CPU spent computing lone runs: time the loop was not busy serving,
+        which the measure of a busy loop (`LoopLoad`) leaves out."""
+        self._need = self.SETTLE  # calm runs asked for before runs go on the loop
+        self._calm = 0  # lone runs in worker threads in a row with no crowd during them
+        self._lone = 0  # lone runs since the last probe
+        self._probing = False
+
+    def crowded(self) -> None:
+        """A second request arrived while one was in flight."""
+        self.crowds += 1
+        self._calm = 0
+
+    def alone(self) -> bool:
+        """Whether the request about to run is the only one in flight in the server."""
+        return self.requests() == 1
+
+    def on_loop(self) -> bool:
+        """For a lone run: True to compute it on the loop, False for a worker thread (settling or probing)."""
+        if self._calm < self._need:
+            return False
+        self._lone += 1
+        if self._lone >= self.PROBE:
+            self._lone = 0
+            self._probing = True
+            return False
+        return True
+
+    def ended(self, crowds: int) -> None:
+        """A lone run in a worker thread ended; `crowds` is what `self.crowds` was when it started."""
+        calm = crowds == self.crowds
+        if calm:
+            self._calm += 1
+        if self._probing:
+            self._probing = False
+            self._need = max(self._need // 2, self.SETTLE) if calm else min(self._need * 2, self.MOST)

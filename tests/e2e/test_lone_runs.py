@@ -1,0 +1,125 @@
+"""`execution.lone_on_loop_max_ms`: a lone caller's runs compute on the event loop, once it is clear the caller
+is alone, which saves the hand-off to a worker thread and the wake-up after it; concurrent callers go back to
+worker threads and batches at once, a model that may wait never runs there, and 0 turns it off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from sluice.server.app import SluiceServer
+from sluice.server.settings import ServerSettings
+from sluice.server.spin import LoneRuns
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+from stress.harness import python_model
+from support import request
+
+SETTLE, PROBE = LoneRuns.SETTLE, LoneRuns.PROBE
+
+
+def _model(repo: Path, log: Path, *, loop_safe: bool = True, limit_ms: float | None = None) -> None:
+    """A python model whose batches of ones take 2 ms and write where they ran (`loop` or `thread`) and
+    their rows."""
+    code = f"""
+    import threading
+    import time
+
+    import numpy as np
+
+
+    class Model:
+        loop_safe = {loop_safe!r}
+
+        def predict(self, batch):
+            x = batch["x"]
+            if x.any():
+                time.sleep(0.002)  # a run of a few ms, as the feature is for
+                where = "thread" if threading.current_thread().name.startswith("sluice-") else "loop"
+                with open({str(log)!r}, "a") as out:
+                    out.write(f"{{where}} {{len(x)}}\\n")
+            return {{"y": np.asarray(x, dtype=np.float32)}}
+    """
+    config = python_model(repo, "lone", code) / "config.toml"
+    # The default policy, which runs a lone request at once: a window would let company arrive first.
+    text = config.read_text().replace('policy = "fixed"', 'policy = "adaptive"')
+    config.write_text(text + ("" if limit_ms is None else f"lone_on_loop_max_ms = {limit_ms}\n"))
+
+
+def _runs(log: Path) -> list[tuple[str, int]]:
+    lines = log.read_text().split() if log.exists() else []
+    return [(where, int(rows)) for where, rows in zip(lines[::2], lines[1::2], strict=True)]
+
+
+@asynccontextmanager
+async def _stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
+    await server.start()
+    try:
+        await server.loaded()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            yield pb_grpc.InferenceStub(channel)
+    finally:
+        await server.stop(0)
+
+
+ONES = request("lone", x=np.ones((1, 4), np.float32))
+
+
+async def _one_caller(stub: pb_grpc.InferenceStub, calls: int) -> None:
+    for _ in range(calls):
+        response = await stub.Predict(ONES)
+        assert np.frombuffer(response.outputs[0].raw_contents, np.float32).tolist() == [1.0] * 4
+
+
+async def test_a_lone_caller_runs_on_the_event_loop_once_settled(tmp_path: Path) -> None:
+    """The first SETTLE runs go to a worker thread (is the caller alone?); then every run computes on the
+    event loop's own thread, except every PROBE-th, which a worker thread runs to see whether others come."""
+    log = tmp_path / "runs.log"
+    _model(tmp_path / "repo", log)
+    async with _stub(tmp_path / "repo") as stub:
+        await _one_caller(stub, SETTLE + 2 * PROBE + 3)
+    places = [where for where, _ in _runs(log)]
+    settled = ["loop"] * (PROBE - 1) + ["thread"]
+    assert places == ["thread"] * SETTLE + settled * 2 + ["loop"] * 3
+    assert threading.current_thread() is threading.main_thread()  # the loop's thread is the test's
+
+
+@pytest.mark.parametrize(
+    ("loop_safe", "limit_ms"),
+    [(False, None), (True, 0.0), (True, 1e-6)],
+    ids=["model-may-wait", "turned-off", "runs-longer-than-the-limit"],
+)
+async def test_runs_stay_in_worker_threads(tmp_path: Path, loop_safe: bool, limit_ms: float | None) -> None:
+    """A class that does not say `loop_safe = True` may wait on something (an event, I/O) and would stall
+    every caller; 0 turns the feature off; a run expected to take longer than the limit stays off the loop."""
+    log = tmp_path / "runs.log"
+    _model(tmp_path / "repo", log, loop_safe=loop_safe, limit_ms=limit_ms)
+    async with _stub(tmp_path / "repo") as stub:
+        await _one_caller(stub, SETTLE + PROBE)
+    assert [where for where, _ in _runs(log)] == ["thread"] * (SETTLE + PROBE)
+
+
+async def test_concurrent_callers_go_back_to_worker_threads_and_batches(tmp_path: Path) -> None:
+    """Settled on a lone caller, then eight callers at once: on the loop their requests would be read one by
+    one after each run and never batch; the next probe sees them, and from then on they run in worker threads
+    in batches. Every request still gets its own answer."""
+    log = tmp_path / "runs.log"
+    _model(tmp_path / "repo", log)
+    async with _stub(tmp_path / "repo") as stub:
+        await _one_caller(stub, SETTLE + 2)
+        settled = len(_runs(log))
+        await asyncio.gather(*(_one_caller(stub, 12) for _ in range(8)))
+    crowd = _runs(log)[settled:]
+    assert sum(rows for _, rows in crowd) == 8 * 12
+    assert all(rows == 1 for where, rows in crowd if where == "loop")  # only lone requests run there
+    assert max(rows for _, rows in crowd) > 1  # batching came back
+    # At most the runs until the next probe computed on the loop; after it, a crowd that went away must stay
+    # away for twice as many calm runs before runs go back there.
+    assert sum(where == "loop" for where, _ in crowd) < PROBE, crowd
