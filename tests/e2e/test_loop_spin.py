@@ -273,3 +273,23 @@ async def test_pool_threads_spin_after_a_run_unless_spin_is_runs_or_off(
             assert min(used) > 0.01, used
         else:
             assert max(used) < 0.01, used
+
+
+@pytest.mark.parametrize(("spin", "loop_spins"), [("on", False), ("runs", True), ("off", True)])
+async def test_the_loop_does_not_spin_beside_pool_threads_that_spin_on_after_a_run(
+    tmp_path: Path, spin: str, loop_spins: bool
+) -> None:
+    # Pool threads that spin on after a run keep a core busy; the loop spinning too left none for the caller
+    # on 2 cores. "runs" and "off" are the controls: their pool threads stop, and the loop spins as usual.
+    entry = add_digits(tmp_path / "repo")
+    config = entry / "config.toml"
+    config.write_text(
+        config.read_text().replace(
+            "[execution]", f'[execution]\nintra_op_threads = 2\nspin = "{spin}"\ninline_max_us = 0'
+        )
+    )
+    async with _server(tmp_path / "repo", spin_us=900_000) as (server, stub):
+        assert server.spin is not None
+        for _ in range(3):  # back to back: a lone caller whose next request the loop would wait for
+            await stub.Predict(_digit())
+        assert server.spin.spinning is loop_spins

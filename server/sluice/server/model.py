@@ -61,6 +61,12 @@ class LoadedModel:
         return bool(getattr(self.runtime, "loop_safe", False))
 
     @property
+    def spins_after_runs(self) -> bool:
+        """Whether the runtime's pool threads go on spinning for a while after a run ends (they keep a core
+        busy then, so the event loop should not spin beside them)."""
+        return bool(getattr(self.runtime, "spins_after_runs", False))
+
+    @property
     def spinning(self) -> bool:
         """Whether the runtime's pool threads spin between parallel sections (for the log)."""
         return bool(getattr(self.runtime, "spinning", False))

@@ -276,7 +276,8 @@ class Runtime(Protocol):
     once after warm-up with whether one-row batches run on the event loop; returning True (it changed how it
     runs: the `onnx` runtime stops spinning) makes the server warm and measure it again; `loop_safe = True`
     when a run only computes and ends (never waits on an event, I/O or another request), which lets a lone
-    caller's run compute on the event loop (`execution.lone_on_loop_max_ms`). See docs/plugins.md.
+    caller's run compute on the event loop (`execution.lone_on_loop_max_ms`); `spins_after_runs` when its
+    threads keep spinning after a run (the event loop then does not spin beside them). See docs/plugins.md.
     """
 
     inputs: Sequence[TensorSpec]

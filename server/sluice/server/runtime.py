@@ -178,6 +178,11 @@ class OnnxModel:
             sessions.append(session)
         return sessions
 
+    @property
+    def spins_after_runs(self) -> bool:
+        """Whether the pool threads go on spinning after a run ends (for tens of ms; not with "runs")."""
+        return self.spinning and self._spin != "runs" and self.threads > 1
+
     def tune(self, inline: bool) -> bool:
         """Told whether one-row batches run on the event loop: `execution.spin = "auto"` stops spinning
         there, and elastic threads start where they do not.

@@ -164,6 +164,8 @@ class ModelRunner:
     ) -> Mapping[str, npt.NDArray[np.generic]]:
         if self.predicted(feeds) <= self.inline_limit:
             return self.model.run(instance, feeds)
+        if self.spin is not None and self.model.spins_after_runs:
+            self.spin.rest()
         lone = self.lone
         if lone is not None and lone.alone():
             return await self._run_lone(lone, instance, feeds)
