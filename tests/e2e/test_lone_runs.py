@@ -82,7 +82,8 @@ async def test_a_lone_caller_runs_on_the_event_loop_once_settled(tmp_path: Path)
     """The first SETTLE runs go to a worker thread (is the caller alone?); then every run computes on the
     event loop's own thread, except every PROBE-th, which a worker thread runs to see whether others come."""
     log = tmp_path / "runs.log"
-    _model(tmp_path / "repo", log)
+    # A limit far above the 2 ms runs, so that a busy machine cannot push one of them over it.
+    _model(tmp_path / "repo", log, limit_ms=1000.0)
     async with _stub(tmp_path / "repo") as stub:
         await _one_caller(stub, SETTLE + 2 * PROBE + 3)
     places = [where for where, _ in _runs(log)]
@@ -111,15 +112,33 @@ async def test_concurrent_callers_go_back_to_worker_threads_and_batches(tmp_path
     one after each run and never batch; the next probe sees them, and from then on they run in worker threads
     in batches. Every request still gets its own answer."""
     log = tmp_path / "runs.log"
-    _model(tmp_path / "repo", log)
+    _model(tmp_path / "repo", log, limit_ms=1000.0)
     async with _stub(tmp_path / "repo") as stub:
         await _one_caller(stub, SETTLE + 2)
         settled = len(_runs(log))
         await asyncio.gather(*(_one_caller(stub, 12) for _ in range(8)))
-    crowd = _runs(log)[settled:]
+        crowded = len(_runs(log))
+        await _one_caller(stub, 2 * SETTLE + 1)
+    crowd = _runs(log)[settled:crowded]
     assert sum(rows for _, rows in crowd) == 8 * 12
     assert all(rows == 1 for where, rows in crowd if where == "loop")  # only lone requests run there
     assert max(rows for _, rows in crowd) > 1  # batching came back
-    # At most the runs until the next probe computed on the loop; after it, a crowd that went away must stay
-    # away for twice as many calm runs before runs go back there.
+    # At most the runs until the next probe computed on the loop.
     assert sum(where == "loop" for where, _ in crowd) < PROBE, crowd
+    # The probe that saw the crowd asks for twice the calm runs before a lone caller's go back there.
+    alone_again = [where for where, _ in _runs(log)[crowded:]]
+    assert alone_again[: 2 * SETTLE] == ["thread"] * (2 * SETTLE), alone_again
+
+
+async def test_a_long_request_of_a_settled_lone_caller_stays_off_the_loop(tmp_path: Path) -> None:
+    """The prediction is elements times the highest cost per element of the recent lone runs: a 64-row
+    request (128 ms at this model's 0.5 ms per element) goes to a thread, even right after a run that cost
+    almost nothing (a batch of zeros returns at once)."""
+    log = tmp_path / "runs.log"
+    _model(tmp_path / "repo", log, limit_ms=100.0)
+    async with _stub(tmp_path / "repo") as stub:
+        await _one_caller(stub, SETTLE + 2)
+        await stub.Predict(request("lone", x=np.zeros((1, 4), np.float32)))
+        await stub.Predict(request("lone", x=np.ones((64, 4), np.float32)))
+        await _one_caller(stub, 1)
+    assert _runs(log)[SETTLE:] == [("loop", 1), ("loop", 1), ("thread", 64), ("loop", 1)]

@@ -316,6 +316,18 @@ async def test_a_deadline_while_running_still_fails_the_caller(make: Make) -> No
     assert_idle(batcher)
 
 
+async def test_a_run_that_holds_the_event_loop_past_the_deadline_is_not_answered(make: Make) -> None:
+    # A run that computes on the event loop (the server's lone callers' runs) keeps the deadline's timer from
+    # firing until it ends: an answer that comes after the deadline is discarded all the same.
+    model = FakeModel()
+    model.answer = lambda inputs: (time.sleep(0.05), {"y": inputs["x"]})[1]
+    batcher = make(model)
+    with pytest.raises(DeadlineExpiredError, match="while its batch ran"):
+        await within(batcher.submit(rows(1.0), deadline=time.monotonic() + 0.01))
+    assert model.sizes == [1]
+    assert_idle(batcher)
+
+
 async def test_a_deadline_met_leaves_the_caller_alone_afterwards(make: Make) -> None:
     # The deadline is a timer that cancels the caller's task: once the answer is in, it must be gone, or the
     # caller would be cancelled later, somewhere else.

@@ -8,6 +8,7 @@ import heapq
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -32,6 +33,9 @@ from sluice.server.spin import LoneRuns, LoopSpin
 Arrays = dict[str, npt.NDArray[np.generic]]
 
 _T = TypeVar("_T")
+
+LONE_MEMORY = 8
+"""Lone runs whose cost per element predicts the next one's (the highest of them counts)."""
 
 log = logging.getLogger("sluice.server")
 
@@ -115,7 +119,8 @@ class ModelRunner:
         self.spin = spin
         self.lone = lone if lone is not None and lone_limit > 0 and model.loop_safe else None
         self.lone_limit = lone_limit
-        self._lone_per_element = 0.0  # seconds per input element of the last lone run; 0: none yet
+        self._lone_costs: deque[float] = deque(maxlen=LONE_MEMORY)
+        """Seconds per input element of the last successful lone runs."""
         self.executor = self._executor()
         self._fixed = float("inf")  # nothing runs inline until calibrate() has measured the model
         self._per_element = 0.0
@@ -162,10 +167,10 @@ class ModelRunner:
     async def run(
         self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> Mapping[str, npt.NDArray[np.generic]]:
-        if self.predicted(feeds) <= self.inline_limit:
-            return self.model.run(instance, feeds)
         if self.spin is not None and self.model.spins_after_runs:
             self.spin.rest()
+        if self.predicted(feeds) <= self.inline_limit:
+            return self.model.run(instance, feeds)
         lone = self.lone
         if lone is not None and lone.alone():
             return await self._run_lone(lone, instance, feeds)
@@ -174,20 +179,27 @@ class ModelRunner:
     async def _run_lone(
         self, lone: LoneRuns, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> Mapping[str, npt.NDArray[np.generic]]:
-        """A lone caller's run: on the event loop when LoneRuns allows it and its last lone run says this
-        one ends within the limit, else in a worker thread, timed there for the next prediction."""
-        elements = max(_elements(feeds), 1)
-        per_element = self._lone_per_element
-        if 0 < per_element * elements <= self.lone_limit and lone.on_loop():
+        """A lone caller's run: on the event loop when LoneRuns allows it and the recent lone runs say this
+        one ends within the limit, else in a worker thread, timed there for the next prediction.
+
+        The prediction is the input elements times the highest cost per element of the last LONE_MEMORY
+        successful lone runs: one cheap run (an early exit, a cost that depends on values) must not let a
+        long one block the loop. Inputs whose cost an element count does not tell (strings, bytes, sparse
+        tensors) never run there."""
+        elements = _numeric_elements(feeds)
+        costs = self._lone_costs
+        if elements and costs and max(costs) * elements <= self.lone_limit and lone.on_loop():
             cpu, started = time.thread_time(), time.perf_counter()
             try:
-                return self.model.run(instance, feeds)
+                results = self.model.run(instance, feeds)
             finally:
-                self._lone_per_element = (time.perf_counter() - started) / elements
                 lone.computed += time.thread_time() - cpu
+            costs.append((time.perf_counter() - started) / elements)
+            return results
         crowds = lone.crowds
         results, seconds = await self._in_thread(instance, _timed, self.model.run, instance, feeds)
-        self._lone_per_element = seconds / elements
+        if elements:
+            costs.append(seconds / elements)
         lone.ended(crowds)
         return results
 
@@ -214,6 +226,16 @@ class ModelRunner:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _numeric_elements(feeds: Mapping[str, npt.NDArray[np.generic]]) -> int:
+    """Input elements, or 0 when an input is not a dense numeric array (its cost is not in the count)."""
+    total = 0
+    for array in feeds.values():
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biufc":
+            return 0
+        total += array.size
+    return total
 
 
 def _timed(

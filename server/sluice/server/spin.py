@@ -135,8 +135,8 @@ class LoneRuns:
       is only read after the run, when it looks lone too, so only a run in a thread can see a crowd coming.
       A probe that sees one doubles the calm runs asked for next time (up to `MOST`), so that callers whose
       runs rarely overlap (short runs) do not flip back and forth; a calm probe halves it again.
-    A request that arrives during a run on the loop waits for the run to end: at most the model's
-    `execution.lone_on_loop_max_ms`.
+    A request that arrives during a run on the loop waits for the run to end, which the recent lone runs
+    predict to be within the model's `execution.lone_on_loop_max_ms` (ModelRunner._run_lone).
     """
 
     SETTLE = 8
