@@ -19,7 +19,7 @@ from sluice.server.settings import ServerSettings
 from sluice.server.spin import LoneRuns
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from stress.harness import python_model
-from support import request
+from support import add_digits, request, scrape
 
 SETTLE, PROBE = LoneRuns.SETTLE, LoneRuns.PROBE
 
@@ -58,15 +58,30 @@ def _runs(log: Path) -> list[tuple[str, int]]:
 
 
 @asynccontextmanager
-async def _stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1))
+async def _serving(repo: Path) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
+    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
     await server.start()
     try:
         await server.loaded()
         async with grpc.aio.insecure_channel(server.address) as channel:
-            yield pb_grpc.InferenceStub(channel)
+            yield server, pb_grpc.InferenceStub(channel)
     finally:
         await server.stop(0)
+
+
+@asynccontextmanager
+async def _stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
+    async with _serving(repo) as (_, stub):
+        yield stub
+
+
+def _places(server: SluiceServer) -> dict[str, float]:
+    """`sluice_runs_total` of the test's model by place, as /metrics shows it."""
+    samples = scrape(server)
+    return {
+        place: samples[f'sluice_runs_total{{model="lone",place="{place}",version="1"}}']
+        for place in ("loop", "lone", "thread")
+    }
 
 
 ONES = request("lone", x=np.ones((1, 4), np.float32))
@@ -84,11 +99,16 @@ async def test_a_lone_caller_runs_on_the_event_loop_once_settled(tmp_path: Path)
     log = tmp_path / "runs.log"
     # A limit far above the 2 ms runs, so that a busy machine cannot push one of them over it.
     _model(tmp_path / "repo", log, limit_ms=1000.0)
-    async with _stub(tmp_path / "repo") as stub:
+    async with _serving(tmp_path / "repo") as (server, stub):
+        before = _places(server)  # the server's own warm-up runs, in worker threads
         await _one_caller(stub, SETTLE + 2 * PROBE + 3)
+        after = _places(server)
     places = [where for where, _ in _runs(log)]
     settled = ["loop"] * (PROBE - 1) + ["thread"]
     assert places == ["thread"] * SETTLE + settled * 2 + ["loop"] * 3
+    # An operator sees where they ran in /metrics.
+    counted = {place: after[place] - before[place] for place in after}
+    assert counted == {"loop": 0, "lone": places.count("loop"), "thread": places.count("thread")}
     assert threading.current_thread() is threading.main_thread()  # the loop's thread is the test's
 
 
@@ -142,3 +162,18 @@ async def test_a_long_request_of_a_settled_lone_caller_stays_off_the_loop(tmp_pa
         await stub.Predict(request("lone", x=np.ones((64, 4), np.float32)))
         await _one_caller(stub, 1)
     assert _runs(log)[SETTLE:] == [("loop", 1), ("loop", 1), ("thread", 64), ("loop", 1)]
+
+
+async def test_a_model_faster_than_a_thread_hand_off_counts_its_runs_on_the_loop(tmp_path: Path) -> None:
+    add_digits(tmp_path / "repo")
+    async with _serving(tmp_path / "repo") as (server, stub):
+        before = scrape(server)
+        for _ in range(5):
+            await stub.Predict(request("digits", pixels=np.zeros((1, 64), np.float32)))
+        after = scrape(server)
+    runs = {
+        place: after[key] - before[key]
+        for place in ("loop", "lone", "thread")
+        if (key := f'sluice_runs_total{{model="digits",place="{place}",version="1"}}')
+    }
+    assert runs == {"loop": 5, "lone": 0, "thread": 0}

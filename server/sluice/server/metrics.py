@@ -26,6 +26,7 @@ MODEL_STATES = ("LOADING", "READY", "UNLOADING", "UNLOADED", "FAILED")
 ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 # The reasons sluice.batcher reports; their series start at 0 so that rate() and alerts see the first event.
 REJECT_REASONS = ("queue_full", "too_large", "closed")
+RUN_PLACES = ("loop", "lone", "thread")
 DROP_REASONS = ("deadline", "cancelled", "shutdown")
 # The label of requests for a model the server does not have: one fixed series, never the caller's name.
 UNKNOWN_MODEL = "_unknown"
@@ -113,6 +114,8 @@ class ModelMetrics:
         self.schedulers: list[Gauged] = []  # every loaded version's; read when scraped
         self.runs: dict[int, BatchTimes] = {}
         """Runs that answered their members, by rows."""
+        self.places: dict[str, int] = dict.fromkeys(RUN_PLACES, 0)
+        """Runs by where they computed (ModelRunner counts them)."""
 
     # The BatchObserver protocol of sluice.batcher.
 
@@ -279,6 +282,12 @@ class Metrics(Collector):
             labels=labels,
         )  # fmt: skip
         errors = CounterMetricFamily("sluice_batch_errors", "Batches whose run failed.", labels=labels)
+        places = CounterMetricFamily(
+            "sluice_runs",
+            "Runs by where they computed: loop (on the event loop, faster than a thread hand-off), lone (a "
+            "lone caller's, on the event loop: execution.lone_on_loop_max_ms), thread (a worker thread).",
+            labels=[*labels, "place"],
+        )  # fmt: skip
         rejected = CounterMetricFamily(
             "sluice_rejected", "Requests refused before queueing, by reason (queue_full, too_large, closed).",
             labels=[*labels, "reason"],
@@ -297,11 +306,13 @@ class Metrics(Collector):
                 batch_limit.add_metric([model, version], max(s.batch_limit for s in schedulers))
                 wait_cap.add_metric([model, version], max(s.wait_cap for s in schedulers))
             errors.add_metric([model, version], m.batch_errors)
+            for place, count in list(m.places.items()):
+                places.add_metric([model, version, place], count)
             for reason, count in list(m.rejected.items()):
                 rejected.add_metric([model, version, reason], count)
             for reason, count in list(m.dropped.items()):
                 dropped.add_metric([model, version, reason], count)
-        yield from (queue, busy, batch_limit, wait_cap, errors, rejected, dropped)
+        yield from (queue, busy, batch_limit, wait_cap, errors, places, rejected, dropped)
         if self.model_states is not None:
             states = GaugeMetricFamily(
                 "sluice_model_state",

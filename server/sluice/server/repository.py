@@ -380,6 +380,7 @@ class ModelRepository:
             self.loop_load.spin,
             self.loop_load.lone,
             config.execution.lone_on_loop_max_ms / 1e3,
+            self.metrics.model(name, context.version).places,
         )
         scheduler = make_scheduler(runner, self.metrics.model(name, context.version), self.loop_load)
         try:

@@ -109,16 +109,19 @@ class ModelRunner:
         spin: LoopSpin | None = None,
         lone: LoneRuns | None = None,
         lone_limit: float = 0.0,
+        places: dict[str, int] | None = None,
     ) -> None:
         """`spin`, the event loop's spinner if it has one, pauses while a batch computes in a worker
         thread: that thread and ONNX Runtime's pool need the cores the loop would spin on. `lone`, when
         given, lets a lone caller's run expected to take at most `lone_limit` s compute on the event loop
-        (see LoneRuns), for a runtime whose runs end on their own (`loop_safe`)."""
+        (see LoneRuns), for a runtime whose runs end on their own (`loop_safe`). `places` counts runs by where
+        they computed ("loop", "lone", "thread"; the model's metrics)."""
         self.model = model
         self.inline_limit = inline_limit
         self.spin = spin
         self.lone = lone if lone is not None and lone_limit > 0 and model.loop_safe else None
         self.lone_limit = lone_limit
+        self.places = places if places is not None else {"loop": 0, "lone": 0, "thread": 0}
         self._lone_costs: deque[float] = deque(maxlen=LONE_MEMORY)
         """Seconds per input element of the last successful lone runs."""
         self.executor = self._executor()
@@ -170,6 +173,7 @@ class ModelRunner:
         if self.spin is not None and self.model.spins_after_runs:
             self.spin.rest()
         if self.predicted(feeds) <= self.inline_limit:
+            self.places["loop"] += 1
             return self.model.run(instance, feeds)
         lone = self.lone
         if lone is not None and lone.alone():
@@ -189,6 +193,7 @@ class ModelRunner:
         elements = _numeric_elements(feeds)
         costs = self._lone_costs
         if elements and costs and max(costs) * elements <= self.lone_limit and lone.on_loop():
+            self.places["lone"] += 1
             cpu, started = time.thread_time(), time.perf_counter()
             try:
                 results = self.model.run(instance, feeds)
@@ -206,6 +211,7 @@ class ModelRunner:
     async def _in_thread(self, instance: int, run: Callable[..., _T], *args: Any) -> _T:
         """`run(*args)` in a worker thread; a cancelled caller leaves `instance` lingering until it ends."""
         loop = asyncio.get_running_loop()
+        self.places["thread"] += 1
         work = self.executor.submit(run, *args)
         if self.spin is not None:
             self.spin.hold_until_done(work)
