@@ -10,16 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from sluice.server.app import SluiceServer
-from sluice.server.settings import ServerSettings
 from sluice.server.spin import LoneRuns
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from stress.harness import python_model
-from support import add_digits, request, scrape
+from support import add_digits, request, scrape, serving, serving_stub
 
 SETTLE, PROBE = LoneRuns.SETTLE, LoneRuns.PROBE
 
@@ -59,20 +57,9 @@ def _runs(log: Path) -> list[tuple[str, int]]:
 
 @asynccontextmanager
 async def _serving(repo: Path) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
-    server = SluiceServer(ServerSettings(model_repository=repo, port=0, metrics_port=0, http_port=-1))
-    await server.start()
-    try:
-        await server.loaded()
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield server, pb_grpc.InferenceStub(channel)
-    finally:
-        await server.stop(0)
-
-
-@asynccontextmanager
-async def _stub(repo: Path) -> AsyncIterator[pb_grpc.InferenceStub]:
-    async with _serving(repo) as (_, stub):
-        yield stub
+    """`support.serving` with metrics, and an Inference stub."""
+    async with serving(repo, metrics=True) as (server, channel):
+        yield server, pb_grpc.InferenceStub(channel)
 
 
 def _places(server: SluiceServer) -> dict[str, float]:
@@ -122,7 +109,7 @@ async def test_runs_stay_in_worker_threads(tmp_path: Path, loop_safe: bool, limi
     every caller; 0 turns the feature off; a run expected to take longer than the limit stays off the loop."""
     log = tmp_path / "runs.log"
     _model(tmp_path / "repo", log, loop_safe=loop_safe, limit_ms=limit_ms)
-    async with _stub(tmp_path / "repo") as stub:
+    async with serving_stub(tmp_path / "repo") as stub:
         await _one_caller(stub, SETTLE + PROBE)
     assert [where for where, _ in _runs(log)] == ["thread"] * (SETTLE + PROBE)
 
@@ -133,7 +120,7 @@ async def test_concurrent_callers_go_back_to_worker_threads_and_batches(tmp_path
     in batches. Every request still gets its own answer."""
     log = tmp_path / "runs.log"
     _model(tmp_path / "repo", log, limit_ms=1000.0)
-    async with _stub(tmp_path / "repo") as stub:
+    async with serving_stub(tmp_path / "repo") as stub:
         await _one_caller(stub, SETTLE + 2)
         settled = len(_runs(log))
         await asyncio.gather(*(_one_caller(stub, 12) for _ in range(8)))
@@ -156,7 +143,7 @@ async def test_a_long_request_of_a_settled_lone_caller_stays_off_the_loop(tmp_pa
     almost nothing (a batch of zeros returns at once)."""
     log = tmp_path / "runs.log"
     _model(tmp_path / "repo", log, limit_ms=100.0)
-    async with _stub(tmp_path / "repo") as stub:
+    async with serving_stub(tmp_path / "repo") as stub:
         await _one_caller(stub, SETTLE + 2)
         await stub.Predict(request("lone", x=np.zeros((1, 4), np.float32)))
         await stub.Predict(request("lone", x=np.ones((64, 4), np.float32)))

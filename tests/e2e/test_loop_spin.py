@@ -47,6 +47,13 @@ def _digits(repo: Path) -> Path:
     return repo
 
 
+def _digits_executing(repo: Path, entries: str) -> Path:
+    """`repo` with the digits model, `entries` added to its config's [execution] table."""
+    config = add_digits(repo) / "config.toml"
+    config.write_text(config.read_text().replace("[execution]", f"[execution]\n{entries}"))
+    return repo
+
+
 ONES = request("gated", x=np.ones((1, 4), np.float32))
 """Held in the gated model's run until the test creates the gate file."""
 ZEROS = request("gated", x=np.zeros((1, 4), np.float32))
@@ -255,12 +262,8 @@ async def test_pool_threads_spin_after_a_run_unless_spin_is_runs_or_off(
     # ONNX Runtime's pool threads otherwise spin on for tens of ms after every run (about 30 ms of CPU after
     # a lone 64-row digits run on two threads): a sparse caller would cost far more CPU than its runs.
     # "on" is the control: it shows that the window sees a spinning pool thread.
-    entry = add_digits(tmp_path / "repo")
-    config = entry / "config.toml"
-    config.write_text(
-        config.read_text().replace("[execution]", f'[execution]\nintra_op_threads = 2\nspin = "{spin}"')
-    )
-    async with _server(tmp_path / "repo", spin_us=0) as (_, stub):
+    repo = _digits_executing(tmp_path / "repo", f'intra_op_threads = 2\nspin = "{spin}"')
+    async with _server(repo, spin_us=0) as (_, stub):
         rows = request("digits", pixels=np.ones((64, 64), np.float32))  # big enough to use the pool thread
         used = []
         for _ in range(3):
@@ -281,14 +284,8 @@ async def test_the_loop_does_not_spin_beside_pool_threads_that_spin_on_after_a_r
 ) -> None:
     # Pool threads that spin on after a run keep a core busy; the loop spinning too left none for the caller
     # on 2 cores. "runs" and "off" are the controls: their pool threads stop, and the loop spins as usual.
-    entry = add_digits(tmp_path / "repo")
-    config = entry / "config.toml"
-    config.write_text(
-        config.read_text().replace(
-            "[execution]", f'[execution]\nintra_op_threads = 2\nspin = "{spin}"\ninline_max_us = 0'
-        )
-    )
-    async with _server(tmp_path / "repo", spin_us=900_000) as (server, stub):
+    repo = _digits_executing(tmp_path / "repo", f'intra_op_threads = 2\nspin = "{spin}"\ninline_max_us = 0')
+    async with _server(repo, spin_us=900_000) as (server, stub):
         assert server.spin is not None
         for _ in range(3):  # back to back: a lone caller whose next request the loop would wait for
             await stub.Predict(_digit())

@@ -181,11 +181,10 @@ class Batcher:
             timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item, task)
         try:
             result = await self._answer(item)
-            if deadline is not None and not item.expired and time.monotonic() > deadline:
+            if deadline is not None and not item.expired and (now := time.monotonic()) > deadline:
                 # The deadline passed while the batch ran on the event loop, where its timer could not fire.
-                waited = (time.monotonic() - item.arrival) * 1e3
                 raise DeadlineExpiredError(
-                    f"model '{self._name}': deadline expired after {waited:.1f} ms "
+                    f"model '{self._name}': deadline expired after {(now - item.arrival) * 1e3:.1f} ms "
                     "while its batch ran (the result is discarded)"
                 )
             if self._timed is not None and item.ran is not None:

@@ -210,15 +210,14 @@ class DataPlane:
                 "(max_inflight, SLUICE_MAX_INFLIGHT); retry with backoff or on another replica"
             )
         self.inflight += 1
-        if self.inflight <= 2:
-            if self.inflight == 1:
-                if self._spin is not None:
-                    self._spin.arrived(now)
-            else:
-                if self._spin is not None:
-                    self._spin.crowded()
-                if self._lone is not None:
-                    self._lone.crowded()
+        if self.inflight == 1:
+            if self._spin is not None:
+                self._spin.arrived(now)
+        elif self.inflight == 2:
+            if self._spin is not None:
+                self._spin.crowded()
+            if self._lone is not None:
+                self._lone.crowded()
 
     def leave(self) -> None:
         """One admitted call or stream message has its answer."""

@@ -44,6 +44,9 @@ class LoadedModel:
         providers = getattr(runtime, "providers", ["unknown"])
         self.providers: list[str] = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         self._threads = context.threads
+        self.spins_after_runs = self._spins_after_runs()
+        """Whether the runtime's pool threads go on spinning for a while after a run ends (they keep a core
+        busy then, so the event loop should not spin beside them); read once per run, so kept, not asked."""
         self.max_batch_size = _batch_size(self.inputs, self.outputs, context.config)
         self.labels: dict[str, list[str]] = _labels(self.outputs, self.config.outputs, context)
         """Class labels by public output name, from `outputs.NAME.labels` (Triton's classification)."""
@@ -61,15 +64,12 @@ class LoadedModel:
         return bool(getattr(self.runtime, "loop_safe", False))
 
     @property
-    def spins_after_runs(self) -> bool:
-        """Whether the runtime's pool threads go on spinning for a while after a run ends (they keep a core
-        busy then, so the event loop should not spin beside them)."""
-        return bool(getattr(self.runtime, "spins_after_runs", False))
-
-    @property
     def spinning(self) -> bool:
         """Whether the runtime's pool threads spin between parallel sections (for the log)."""
         return bool(getattr(self.runtime, "spinning", False))
+
+    def _spins_after_runs(self) -> bool:
+        return bool(getattr(self.runtime, "spins_after_runs", False))
 
     def _instances(self) -> int:
         instances = getattr(self.runtime, "instances", 1)
@@ -88,6 +88,7 @@ class LoadedModel:
         if tune is None or not tune(inline):
             return False
         self.instances = self._instances()
+        self.spins_after_runs = self._spins_after_runs()
         return True
 
     def run(self, instance: int, feeds: Mapping[str, npt.NDArray[Any]]) -> Mapping[str, npt.NDArray[Any]]:

@@ -27,6 +27,7 @@ from sluice.batcher import (
     PadSpec,
     QueueFullError,
 )
+from sluice.server.metrics import RUN_PLACES
 from sluice.server.model import LoadedModel
 from sluice.server.spin import LoneRuns, LoopSpin
 
@@ -121,7 +122,7 @@ class ModelRunner:
         self.spin = spin
         self.lone = lone if lone is not None and lone_limit > 0 and model.loop_safe else None
         self.lone_limit = lone_limit
-        self.places = places if places is not None else {"loop": 0, "lone": 0, "thread": 0}
+        self.places = places if places is not None else dict.fromkeys(RUN_PLACES, 0)
         self._lone_costs: deque[float] = deque(maxlen=LONE_MEMORY)
         """Seconds per input element of the last successful lone runs."""
         self.executor = self._executor()
