@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import support
+from sluice.kserve.v2 import grpc_service_pb2 as kpb
+from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from sluice.server.app import SluiceServer
 from sluice.server.settings import ServerSettings
 from sluice.v1 import inference_pb2 as pb
@@ -353,6 +355,38 @@ async def test_a_run_its_caller_left_keeps_its_instance_until_it_ends(repo: Path
         response = await waiting
         assert response.id == "next"
         np.testing.assert_array_equal(outputs(response)["y"], x * 10 + 1)
+        await _settled(lambda: support.scrape(server)[busy] == 0)
+        assert support.scrape(server)[busy] == 0
+
+
+@pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
+async def test_a_timeout_parameter_that_passes_mid_run_ends_the_call_then(repo: Path, batching: str) -> None:
+    # The request's own `timeout` (KServe, microseconds) holds while its run computes, not only while it is
+    # queued, for a model without a batch dimension as for a batched one: the caller hears DEADLINE_EXCEEDED
+    # when it passes, not when a long run ends, and the instance stays taken until the run is over.
+    config = f"{PYTHON}\n[batching]\n{batching}\n\n[execution]\ninline_max_us = 0\n"
+    add(repo, "gated", config, GATED)
+    support.GATE = gate = support.RunGate()
+    busy = 'sluice_instances_busy{model="gated",version="1"}'
+    async with support.serving(repo, metrics=True) as (server, channel):
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        x = np.array([[1, 2]], dtype=np.float32)
+        held = kpb.ModelInferRequest(model_name="gated", id="held")
+        held.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1, 2])
+        held.parameters["timeout"].int64_param = 300_000
+        gate.go.clear()
+        before = gate.entered
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await kserve.ModelInfer(held, timeout=20)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline expired after" in (late.value.details() or "")
+        assert "ran (the result is discarded)" in (late.value.details() or "")
+        assert gate.entered == before + 1
+        assert not gate.go.is_set(), "the answer waited for the run to end"
+        assert support.scrape(server)[busy] == 1, "the run still computes, but its instance reads as free"
+        gate.go.set()
+        response = await pb_grpc.InferenceStub(channel).Predict(request("gated", id="next", x=x))
+        np.testing.assert_array_equal(outputs(response)["y"], x + 1)
         await _settled(lambda: support.scrape(server)[busy] == 0)
         assert support.scrape(server)[busy] == 0
 

@@ -333,6 +333,13 @@ def make_scheduler(
     )
 
 
+def _loop_time(deadline: float | None) -> float | None:
+    """A time.monotonic() deadline on the running event loop's clock (they may differ), for timeout_at."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + deadline - time.monotonic()
+
+
 class DirectScheduler:
     """For models without a batch dimension: each request is one run, at most one per instance at a time."""
 
@@ -381,10 +388,10 @@ class DirectScheduler:
                 f"model '{self._name}': queue full ({self._waiting} requests waiting, "
                 f"limit max_queue_rows={self._max_queued})"
             )
-        timeout = None if deadline is None else deadline - time.monotonic()
+        arrival = time.monotonic()
         self._waiting += 1
         try:
-            async with asyncio.timeout(timeout), self._ready:
+            async with asyncio.timeout_at(_loop_time(deadline)), self._ready:
                 await self._ready.wait_for(lambda: bool(self._free))
                 instance = heapq.heappop(self._free)
         except TimeoutError:
@@ -392,24 +399,40 @@ class DirectScheduler:
         finally:
             self._waiting -= 1
         cancelled = False
+        # The deadline holds while the request runs too, as in a batch: a caller whose `timeout` parameter
+        # (REST, or KServe over gRPC) passes mid-run hears so then, not when a long run ends.
         try:
-            return await self._runner.run(instance, inputs)
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        except Exception as exc:
-            log.error("model '%s' failed to run a request", self._name, exc_info=exc)
-            raise ModelRunError(
-                f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
-            ) from exc
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                try:
+                    results = await self._runner.run(instance, inputs)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
+                except Exception as exc:  # the model's own TimeoutError included: it is not the deadline
+                    log.error("model '%s' failed to run a request", self._name, exc_info=exc)
+                    raise ModelRunError(
+                        f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
+                    ) from exc
+        except TimeoutError:
+            raise self._late(arrival) from None
         finally:
             still = self._runner.lingering(instance) if cancelled else None
             if still is None:
                 await self._release(instance)
             else:
-                # The caller left but its run goes on in a worker thread: the instance is not free until
-                # that run ends.
+                # The caller left, or its deadline passed, but its run goes on in a worker thread: the
+                # instance is not free until that run ends.
                 still.add_done_callback(lambda _: self._later(self._release(instance)))
+        if deadline is not None and time.monotonic() > deadline:
+            raise self._late(arrival)  # it ran on the event loop, where the timer could not fire
+        return results
+
+    def _late(self, arrival: float) -> DeadlineExpiredError:
+        waited = (time.monotonic() - arrival) * 1e3
+        return DeadlineExpiredError(
+            f"model '{self._name}': deadline expired after {waited:.1f} ms while it ran "
+            "(the result is discarded)"
+        )
 
     def _later(self, release: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(release)
