@@ -11,7 +11,8 @@ PROTOS := proto/sluice/v1/inference.proto proto/sluice/kserve/v2/model_config.pr
 NPM := $(shell command -v npm 2>/dev/null)
 NODE_DEPS := $(if $(NPM),tests/node/node_modules/.installed)
 
-$(BIN)/.installed: pyproject.toml tests/plugin_package/pyproject.toml
+# The test plugins are installed as a wheel (not editable): a change to their code must reinstall them.
+$(BIN)/.installed: pyproject.toml tests/plugin_package/pyproject.toml $(wildcard tests/plugin_package/src/*/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# A venv made before the distribution was renamed holds the old editable `sluice` too: drop it.

@@ -19,8 +19,11 @@ import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
+from sluice_example_plugins import testing
 from sluice_example_plugins.testing import SECRET
 
+from sluice.kserve.v2 import grpc_service_pb2 as kpb
+from sluice.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from support import add_model, failure, outputs, request, save, serving, signature
@@ -278,6 +281,36 @@ async def test_crashing_plugin_is_internal_logged_and_survived(
     assert (
         await pb_grpc.InferenceStub(plugin_channel).Health(pb.HealthRequest())
     ).state == pb.SERVING_STATE_SERVING
+
+
+@pytest.mark.parametrize(("where", "trigger"), [("preprocess", 7), ("postprocess", 8)])
+async def test_a_timeout_parameter_that_passes_in_a_slow_plugin_ends_the_call_then(
+    repo: Path, where: str, trigger: int
+) -> None:
+    # KServe's `timeout` parameter bounds the whole request, plugin steps included: the caller hears
+    # DEADLINE_EXCEEDED when it passes, not when a slow step ends. (y = x + 1: x = 7 holds either step.)
+    add(
+        repo,
+        "slow",
+        f'{where} = [{{ name = "faulty", mode = "hold", trigger = {trigger} }}]\n',
+        add_model(1.0),
+    )
+    testing.HOLD.clear()
+    try:
+        async with serving(repo) as (_, channel):
+            held = kpb.ModelInferRequest(model_name="slow")
+            held.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend(rows(7)[0])
+            held.parameters["timeout"].int64_param = 300_000
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(held, timeout=20)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert f"ms into {where}ing (the result is discarded)" in (late.value.details() or "")
+            assert not testing.HOLD.is_set(), "the answer waited for the step to end"
+            testing.HOLD.set()
+            response = await pb_grpc.InferenceStub(channel).Predict(request("slow", x=rows(1)))
+            np.testing.assert_array_equal(outputs(response)["y"], rows(1) + 1)
+    finally:
+        testing.HOLD.set()
 
 
 async def test_plugins_run_off_the_event_loop(plugin_channel: grpc.aio.Channel) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -11,11 +13,11 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from sluice.batcher import CooArray
+from sluice.batcher import CooArray, DeadlineExpiredError
 from sluice.server.errors import Code, SluiceError, clip, invalid
 from sluice.server.model import LoadedModel
 from sluice.server.plugins import Arrays, LoadError, PluginContext, Postprocessor, Preprocessor, TensorSpec
-from sluice.server.scheduling import ModelRunner, Scheduler
+from sluice.server.scheduling import ModelRunner, Scheduler, loop_time
 from sluice.server.spin import in_worker
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import datatype_of, format_shape, numpy_dtype, type_name
@@ -79,11 +81,23 @@ class Servable:
             else None
         )
 
-    async def _in_thread(self, step: Callable[..., _T], *args: Any) -> _T:
+    async def _in_thread(self, step: Callable[..., _T], deadline: float | None, where: str, *args: Any) -> _T:
         """Runs a plugin step in the plugin pool; the event loop does not spin meanwhile (the step's
-        thread needs the core, and the GIL for its Python parts)."""
+        thread needs the core, and the GIL for its Python parts). The request's deadline holds here too:
+        a caller whose `timeout` parameter passes while a plugin step is slow is answered then (the step
+        goes on in its thread, and its result is discarded)."""
         assert self._plugins is not None
-        return await in_worker(self._plugins, self.runner.spin, step, *args)
+        if deadline is None:
+            return await in_worker(self._plugins, self.runner.spin, step, *args)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout_at(loop_time(deadline)):
+                return await in_worker(self._plugins, self.runner.spin, step, *args)
+        except TimeoutError:  # a step's own exceptions reach here as SluiceError (`_call`)
+            raise DeadlineExpiredError(
+                f"model '{self.name}': deadline expired {(time.monotonic() - started) * 1e3:.1f} ms into "
+                f"{where} (the result is discarded)"
+            ) from None
 
     async def infer(
         self,
@@ -100,10 +114,12 @@ class Servable:
         else:
             feeds = inputs
             if self.preprocessors:
-                feeds = await self._in_thread(self._preprocess, inputs)
+                feeds = await self._in_thread(self._preprocess, deadline, "preprocessing", inputs)
             outputs = await self.scheduler.submit(feeds, priority=priority, deadline=deadline)
             if self.postprocessors:
-                outputs = await self._in_thread(self._postprocess, dict(outputs), feeds)
+                outputs = await self._in_thread(
+                    self._postprocess, deadline, "postprocessing", dict(outputs), feeds
+                )
         size = 0
         for name in names:
             size += outputs[name].nbytes

@@ -333,7 +333,7 @@ def make_scheduler(
     )
 
 
-def _loop_time(deadline: float | None) -> float | None:
+def loop_time(deadline: float | None) -> float | None:
     """A time.monotonic() deadline on the running event loop's clock (they may differ), for timeout_at."""
     if deadline is None:
         return None
@@ -391,7 +391,7 @@ class DirectScheduler:
         arrival = time.monotonic()
         self._waiting += 1
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)), self._ready:
+            async with asyncio.timeout_at(loop_time(deadline)), self._ready:
                 await self._ready.wait_for(lambda: bool(self._free))
                 instance = heapq.heappop(self._free)
         except TimeoutError:
@@ -402,7 +402,7 @@ class DirectScheduler:
         # The deadline holds while the request runs too, as in a batch: a caller whose `timeout` parameter
         # (REST, or KServe over gRPC) passes mid-run hears so then, not when a long run ends.
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
+            async with asyncio.timeout_at(loop_time(deadline)):
                 try:
                     results = await self._runner.run(instance, inputs)
                 except asyncio.CancelledError:

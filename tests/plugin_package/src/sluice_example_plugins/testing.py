@@ -2,7 +2,8 @@
 
 - `faulty` (a preprocessor and a postprocessor): passes tensors through, until one holds the `trigger`
   value; then it raises `PluginError` (mode "plugin_error": the caller gets `code` and `message`) or a
-  plain exception (mode "crash": the caller gets INTERNAL, the log gets the traceback).
+  plain exception (mode "crash": the caller gets INTERNAL, the log gets the traceback), or waits for a test
+  to set `HOLD` (mode "hold": a slow step).
 - `record_thread` (a preprocessor and a postprocessor): writes the name of the thread it runs in into a
   STRING [rows] tensor, so a test can see that plugins do not run on the event loop.
 """
@@ -23,13 +24,16 @@ from sluice.server.plugins import Arrays, LoadError, PluginContext, PluginError,
 SECRET = "do-not-show-callers-this"
 """Part of the message of a crash: a test checks that it reaches the log and never a caller."""
 
+HOLD = threading.Event()
+"""What a `faulty` step in mode "hold" waits for (at most 30 s) once its trigger shows; tests set it."""
+
 
 class FaultyOptions(BaseModel):
     """`{ name = "faulty", mode = "crash", trigger = 13 }`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["plugin_error", "crash"]
+    mode: Literal["plugin_error", "crash", "hold"]
     trigger: float = Field(description="The value that sets it off, anywhere in a tensor it is given.")
     code: str = Field(default="INVALID_ARGUMENT", description="gRPC status name for mode plugin_error.")
     message: str = Field(default="the faulty plugin was triggered", min_length=1)
@@ -51,6 +55,9 @@ class _Faulty:
     def _check(self, arrays: Arrays) -> None:
         for array in arrays.values():
             if array.dtype.kind in "biuf" and bool(np.any(array == self.options.trigger)):
+                if self.options.mode == "hold":
+                    HOLD.wait(30)
+                    return
                 if self.options.mode == "plugin_error":
                     raise PluginError(self.options.message, grpc.StatusCode[self.options.code])
                 _crash()
