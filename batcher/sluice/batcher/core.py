@@ -35,6 +35,7 @@ from sluice.batcher.observer import BatchObserver, NullObserver, RunObserver, Ru
 from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
 from sluice.batcher.policy import CostCurve, Estimates, LoadModel, make_policy
 from sluice.batcher.sparse import CooArray
+from sluice.batcher.timer import WakeTimer
 
 RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 """(instance index, batched inputs) -> batched outputs, one row per input row."""
@@ -49,6 +50,10 @@ LIMIT_SETTLED = 16
 each step of its climb."""
 LIMIT_LOG_EVERY = 10.0
 """Seconds between two log lines about the batch limit."""
+SPIN_MAX = 0.5e-3
+"""Waits for company this short are not timed: the dispatcher looks again on the loop's next turn. Under
+uvloop that is what such a delay got anyway, and at 8 closed-loop digits callers it served ~10% more than
+sleeping on a precise timer for the same wait (benchmarks/RESULTS.md, wave 2, tenth session)."""
 
 
 class Batcher:
@@ -101,6 +106,7 @@ class Batcher:
         self._aborted: set[Pending] = set()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
+        self._timer: WakeTimer | None = None  # made by start(), closed when the dispatcher ends
         # Admissions wake the dispatcher only once the queue reaches this many rows: under saturation
         # (every instance busy) it is sys.maxsize, so arrivals cost no wakeup at all.
         self._wake_rows = 1
@@ -156,6 +162,8 @@ class Batcher:
         if self._dispatcher is not None:
             raise RuntimeError(f"batcher for model '{self._name}' is already started")
         self._loop = asyncio.get_running_loop()
+        # Made now, not at the first wait: a batcher holds the same descriptors from start to drain.
+        self._timer = WakeTimer(self._loop, self._wakeup.set)
         self._dispatcher = self._loop.create_task(self._dispatch(), name=f"sluice-batcher-{self._name}")
         self._dispatcher.add_done_callback(self._on_dispatcher_done)
 
@@ -463,11 +471,22 @@ class Batcher:
             await self._wakeup.wait()
             return
         assert self._loop is not None
-        timer = self._loop.call_later(limit, self._wakeup.set)  # cheaper than asyncio.timeout
+        if limit <= SPIN_MAX:
+            # Not timed: the dispatcher looks again after the loop's next turn, which reads what has
+            # arrived meanwhile (what uvloop does with such a delay anyway).
+            turn = self._loop.call_soon(self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                turn.cancel()
+            return
+        timer = self._timer
+        assert timer is not None
+        timer.arm(limit)  # cheaper than asyncio.timeout, and on time to the microsecond (see its module)
         try:
             await self._wakeup.wait()
         finally:
-            timer.cancel()
+            timer.disarm()
 
     def _collect(self, head: Pending) -> Batch | None:
         """Takes the next batch out of the queue: `head`'s group, priority then arrival, while it fits."""
@@ -707,6 +726,9 @@ class Batcher:
             self._idle.set()
 
     def _on_dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        if self._timer is not None:  # here, not in the task: a task cancelled before its first step runs none
+            self._timer.close()
+            self._timer = None
         if task.cancelled() or task.exception() is None:
             return
         # A bug, not a load condition: stop admitting and fail what waits rather than hang callers.

@@ -415,9 +415,11 @@ class AdaptivePolicy(Policy):
         self._planned = (False, 0)  # (loop-bound, probe rows gathered) of the wait `plan` last returned
         self._per_row = 0  # input elements per row of the last batch's first request
         self.curve = curve if curve is not None else CostCurve()
-        # The wait cap dithers around it (see `_climb`). It starts halfway between its bounds on a log
-        # scale, max_delay / 4: no more than 4 steps from where any crowd of callers does best.
-        self._centre = config.max_delay * math.sqrt(CAP_FLOOR)
+        # The wait cap dithers around it (see `_climb`). It starts at max_delay / 2, within 4 steps of
+        # where any crowd of callers does best, and above the waits short enough to be polled for
+        # (SPIN_MAX in sluice.batcher.core): from below that, a crowd that does best with long waits (64
+        # digits callers) took a second or more to climb out, as polling holds its own there.
+        self._centre = config.max_delay / 2
         self.wait_cap = self._bounded(self._centre * CAP_DITHER)  # the first window is "up"
         self._window_start = -1.0
         self._window_rows = 0
