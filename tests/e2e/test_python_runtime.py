@@ -391,6 +391,53 @@ async def test_a_timeout_parameter_that_passes_mid_run_ends_the_call_then(repo: 
         assert support.scrape(server)[busy] == 0
 
 
+RAISES_TIMEOUT = """
+class Model:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def predict(self, batch):
+        if (batch["x"] == 7).any():
+            raise TimeoutError("the model's own backend timed out")
+        return {"y": batch["x"] + 1}
+"""
+
+
+@pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
+async def test_a_request_whose_time_is_up_is_not_run_and_a_models_timeout_is_its_failure(
+    repo: Path, batching: str
+) -> None:
+    # `timeout = 0`: the caller gives the request no time, so the model never sees it (for a model without a
+    # batch dimension it used to run, and succeed). A TimeoutError the model raises itself is the model's
+    # failure (INTERNAL, details in the log), not the caller's deadline.
+    add(repo, "gated", f"{PYTHON}\n[batching]\n{batching}\n", GATED)
+    add(repo, "raises", f"{PYTHON}\n[batching]\n{batching}\n", RAISES_TIMEOUT)
+    support.GATE = gate = support.RunGate()
+    async with support.serving(repo) as (_, channel):
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+        def infer(model: str, value: float, timeout_us: int) -> kpb.ModelInferRequest:
+            message = kpb.ModelInferRequest(model_name=model)
+            message.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend(
+                [value] * 2
+            )
+            message.parameters["timeout"].int64_param = timeout_us
+            return message
+
+        before = gate.entered
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await kserve.ModelInfer(infer("gated", 1, 0), timeout=20)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline already passed" in (late.value.details() or "")
+        assert gate.entered == before, "a request with no time left was run"
+
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await kserve.ModelInfer(infer("raises", 7, 10_000_000), timeout=20)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        answer = await kserve.ModelInfer(infer("raises", 1, 10_000_000), timeout=20)
+        assert np.frombuffer(answer.raw_output_contents[0], "<f4").tolist() == [2.0, 2.0]
+
+
 @pytest.mark.parametrize("batching", ['max_batch_size = 4\npolicy = "none"', "max_batch_size = 0"])
 async def test_a_stop_waits_for_a_run_its_caller_left(repo: Path, batching: str) -> None:
     # The drain's grace covers a run that still computes after its caller gave up: the model is closed only

@@ -106,7 +106,7 @@ class Batcher:
         self._aborted: set[Pending] = set()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
-        self._timer: WakeTimer | None = None  # made by start(), closed when the dispatcher ends
+        self._timer: WakeTimer | None = None  # made by start() if it may wait; closed with the dispatcher
         # Admissions wake the dispatcher only once the queue reaches this many rows: under saturation
         # (every instance busy) it is sys.maxsize, so arrivals cost no wakeup at all.
         self._wake_rows = 1
@@ -162,8 +162,9 @@ class Batcher:
         if self._dispatcher is not None:
             raise RuntimeError(f"batcher for model '{self._name}' is already started")
         self._loop = asyncio.get_running_loop()
-        # Made now, not at the first wait: a batcher holds the same descriptors from start to drain.
-        self._timer = WakeTimer(self._loop, self._wakeup.set)
+        if not self._policy.single_request:
+            # Made now, not at the first wait: a batcher holds the same descriptors from start to drain.
+            self._timer = WakeTimer(self._loop, self._wakeup.set)
         self._dispatcher = self._loop.create_task(self._dispatch(), name=f"sluice-batcher-{self._name}")
         self._dispatcher.add_done_callback(self._on_dispatcher_done)
 
@@ -481,7 +482,8 @@ class Batcher:
                 turn.cancel()
             return
         timer = self._timer
-        assert timer is not None
+        if timer is None:
+            timer = self._timer = WakeTimer(self._loop, self._wakeup.set)
         timer.arm(limit)  # cheaper than asyncio.timeout, and on time to the microsecond (see its module)
         try:
             await self._wakeup.wait()

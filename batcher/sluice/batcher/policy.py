@@ -415,10 +415,10 @@ class AdaptivePolicy(Policy):
         self._planned = (False, 0)  # (loop-bound, probe rows gathered) of the wait `plan` last returned
         self._per_row = 0  # input elements per row of the last batch's first request
         self.curve = curve if curve is not None else CostCurve()
-        # The wait cap dithers around it (see `_climb`). It starts at max_delay / 2, within 4 steps of
-        # where any crowd of callers does best, and above the waits short enough to be polled for
-        # (SPIN_MAX in sluice.batcher.core): from below that, a crowd that does best with long waits (64
-        # digits callers) took a second or more to climb out, as polling holds its own there.
+        # The wait cap dithers around it (see `_climb`). It starts at max_delay / 2: 2 moves from
+        # max_delay, 6 from the floor, and (for max_delay above ~1.2 ms) with both sides above the waits
+        # short enough to be polled for (SPIN_MAX in sluice.batcher.core): from there, a crowd that does
+        # best with long waits (64 digits callers) took a second or more to climb out.
         self._centre = config.max_delay / 2
         self.wait_cap = self._bounded(self._centre * CAP_DITHER)  # the first window is "up"
         self._window_start = -1.0

@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import sys
-import time
 import weakref
 from collections.abc import Callable
 
-_CLOCK_MONOTONIC = 1  # Linux's clock ids and timerfd flags, as in <time.h> and <sys/timerfd.h>
+log = logging.getLogger("sluice.batcher")
+
+_CLOCK_MONOTONIC = 1  # Linux's clock id, as in <time.h>; timerfd's flags are open()'s (<sys/timerfd.h>)
 _TFD_NONBLOCK = os.O_NONBLOCK
-_TFD_CLOEXEC = 0o2000000
-_TFD_TIMER_ABSTIME = 1
+_TFD_CLOEXEC = os.O_CLOEXEC
 
 
 class _Timespec(ctypes.Structure):
@@ -52,6 +53,7 @@ def _libc_timerfd() -> tuple[Callable[[int, int], int], Callable[..., int]] | No
 
 
 _TIMERFD = _libc_timerfd()
+_warned = False  # the fallback is logged once per process
 
 
 class WakeTimer:
@@ -75,29 +77,36 @@ class WakeTimer:
         if fd >= 0:
             try:
                 loop.add_reader(fd, self._fired)
-            except (NotImplementedError, RuntimeError, ValueError):  # a loop that cannot watch it
+            except Exception:  # a loop that cannot watch it (Windows' proactor), or epoll out of room
                 os.close(fd)
             else:
                 self._fd = fd
                 self._finalizer = weakref.finalize(self, os.close, fd)
+        global _warned
+        if self._fd < 0 and _TIMERFD is not None and not _warned:
+            _warned = True
+            log.warning(
+                "no timerfd for batching windows (errno %d): they are timed by the event loop, in whole "
+                "milliseconds",
+                ctypes.get_errno(),
+            )
         self._spec = _Itimerspec()
         self._zero = _Itimerspec()
         self.precise = self._fd >= 0
         """True when the timer is a timerfd, False when it is the loop's own (millisecond) timer."""
 
     def arm(self, delay: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
         if self._fd < 0:
-            if self._handle is not None:
-                self._handle.cancel()
             self._handle = self._loop.call_later(delay, self._callback)
             return
-        # time.monotonic() is CLOCK_MONOTONIC on Linux: the time the timer is set to on the same clock.
-        when = time.monotonic() + max(delay, 1e-6)  # 0 would disarm it
-        spec = self._spec.it_value
-        spec.tv_sec = int(when)
-        spec.tv_nsec = int((when - spec.tv_sec) * 1e9)
+        spec = self._spec.it_value  # relative to now: no clock to agree on
+        nanoseconds = max(round(delay * 1e9), 1)  # 0 would disarm it
+        spec.tv_sec, spec.tv_nsec = divmod(nanoseconds, 1_000_000_000)
         assert self._settime is not None
-        if self._settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
+        if self._settime(self._fd, 0, ctypes.byref(self._spec), None) != 0:
             # Not expected (the arguments are always valid); the loop's timer still wakes the dispatcher.
             self._handle = self._loop.call_later(delay, self._callback)
 

@@ -90,6 +90,10 @@ class Servable:
         if deadline is None:
             return await in_worker(self._plugins, self.runner.spin, step, *args)
         started = time.monotonic()
+        if deadline <= started:
+            raise DeadlineExpiredError(
+                f"model '{self.name}': deadline passed {(started - deadline) * 1e3:.1f} ms before {where}"
+            )
         try:
             async with asyncio.timeout_at(loop_time(deadline)):
                 return await in_worker(self._plugins, self.runner.spin, step, *args)

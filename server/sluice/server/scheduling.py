@@ -334,10 +334,19 @@ def make_scheduler(
 
 
 def loop_time(deadline: float | None) -> float | None:
-    """A time.monotonic() deadline on the running event loop's clock (they may differ), for timeout_at."""
+    """A time.monotonic() deadline on the running event loop's clock (they may differ), for timeout_at.
+
+    uvloop keeps its clock and its timers in whole milliseconds, so a timer there can fire up to ~1.2 ms
+    before the time asked; on it the deadline is set 1.5 ms late instead: a caller may hear of its deadline
+    that much after it passed, never before."""
     if deadline is None:
         return None
-    return asyncio.get_running_loop().time() + deadline - time.monotonic()
+    loop = asyncio.get_running_loop()
+    late = _COARSE_CLOCK if type(loop).__module__.startswith("uvloop") else 0.0
+    return loop.time() + deadline - time.monotonic() + late
+
+
+_COARSE_CLOCK = 1.5e-3
 
 
 class DirectScheduler:
@@ -389,20 +398,26 @@ class DirectScheduler:
                 f"limit max_queue_rows={self._max_queued})"
             )
         arrival = time.monotonic()
-        self._waiting += 1
-        try:
-            async with asyncio.timeout_at(loop_time(deadline)), self._ready:
-                await self._ready.wait_for(lambda: bool(self._free))
-                instance = heapq.heappop(self._free)
-        except TimeoutError:
-            raise DeadlineExpiredError(f"model '{self._name}': the deadline passed while queued") from None
-        finally:
-            self._waiting -= 1
-        cancelled = False
-        # The deadline holds while the request runs too, as in a batch: a caller whose `timeout` parameter
-        # (REST, or KServe over gRPC) passes mid-run hears so then, not when a long run ends.
+        if deadline is not None and deadline <= arrival:
+            late = (arrival - deadline) * 1e3
+            name = self._name
+            raise DeadlineExpiredError(f"model '{name}': deadline already passed {late:.1f} ms before submit")
+        instance = -1
+        ran = cancelled = False
+        # One timeout for the queue and the run: the deadline holds while the request runs too, as in a
+        # batch, so a caller whose `timeout` parameter passes mid-run hears so then, not when the run ends.
         try:
             async with asyncio.timeout_at(loop_time(deadline)):
+                self._waiting += 1
+                try:
+                    async with self._ready:
+                        await self._ready.wait_for(lambda: bool(self._free))
+                        instance = heapq.heappop(self._free)
+                finally:
+                    self._waiting -= 1
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError  # passed as the instance came free: do not start a run for nobody
+                ran = True
                 try:
                     results = await self._runner.run(instance, inputs)
                 except asyncio.CancelledError:
@@ -414,25 +429,24 @@ class DirectScheduler:
                         f"model '{self._name}' failed: {type(exc).__name__}: {exc}", model=self._name
                     ) from exc
         except TimeoutError:
-            raise self._late(arrival) from None
+            raise self._late(arrival, ran) from None
         finally:
-            still = self._runner.lingering(instance) if cancelled else None
-            if still is None:
-                await self._release(instance)
-            else:
-                # The caller left, or its deadline passed, but its run goes on in a worker thread: the
-                # instance is not free until that run ends.
-                still.add_done_callback(lambda _: self._later(self._release(instance)))
+            if instance >= 0:
+                still = self._runner.lingering(instance) if cancelled else None
+                if still is None:
+                    await self._release(instance)
+                else:
+                    # The caller left, or its deadline passed, but its run goes on in a worker thread: the
+                    # instance is not free until that run ends.
+                    still.add_done_callback(lambda _: self._later(self._release(instance)))
         if deadline is not None and time.monotonic() > deadline:
-            raise self._late(arrival)  # it ran on the event loop, where the timer could not fire
+            raise self._late(arrival, ran)  # it ran on the event loop, where the timer could not fire
         return results
 
-    def _late(self, arrival: float) -> DeadlineExpiredError:
+    def _late(self, arrival: float, ran: bool) -> DeadlineExpiredError:
         waited = (time.monotonic() - arrival) * 1e3
-        return DeadlineExpiredError(
-            f"model '{self._name}': deadline expired after {waited:.1f} ms while it ran "
-            "(the result is discarded)"
-        )
+        where = "while it ran (the result is discarded)" if ran else "in the queue"
+        return DeadlineExpiredError(f"model '{self._name}': deadline expired after {waited:.1f} ms {where}")
 
     def _later(self, release: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(release)
