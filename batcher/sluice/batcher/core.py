@@ -35,7 +35,7 @@ from sluice.batcher.observer import BatchObserver, NullObserver, RunObserver, Ru
 from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
 from sluice.batcher.policy import CostCurve, Estimates, LoadModel, make_policy
 from sluice.batcher.sparse import CooArray
-from sluice.batcher.timer import WakeTimer
+from sluice.batcher.timer import WakeTimer, early_by
 
 RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 """(instance index, batched inputs) -> batched outputs, one row per input row."""
@@ -113,6 +113,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._late = 0.0
         self._dispatcher: asyncio.Task[None] | None = None
 
     # -- public surface -------------------------------------------------------------------------------
@@ -162,6 +163,7 @@ class Batcher:
         if self._dispatcher is not None:
             raise RuntimeError(f"batcher for model '{self._name}' is already started")
         self._loop = asyncio.get_running_loop()
+        self._late = early_by(self._loop)  # a deadline's timer never fires before the deadline
         if not self._policy.single_request:
             # Made now, not at the first wait: a batcher holds the same descriptors from start to drain.
             self._timer = WakeTimer(self._loop, self._wakeup.set)
@@ -187,7 +189,7 @@ class Batcher:
             assert self._loop is not None
             task = asyncio.current_task()
             entered = 0 if task is None else task.cancelling()
-            timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item, task)
+            timer = self._loop.call_later(deadline - time.monotonic() + self._late, self._expire, item, task)
         try:
             result = await self._answer(item)
             if deadline is not None and not item.expired and (now := time.monotonic()) > deadline:

@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 import weakref
 from collections.abc import Callable
 
@@ -53,6 +54,17 @@ def _libc_timerfd() -> tuple[Callable[[int, int], int], Callable[..., int]] | No
 
 
 _TIMERFD = _libc_timerfd()
+
+
+def early_by(loop: asyncio.AbstractEventLoop) -> float:
+    """How long before its time the loop's own timer can fire, in seconds: add it to a deadline's timer
+    so that a caller never hears of its deadline before it passed.
+
+    uvloop keeps its clock and its timers in whole milliseconds (its clock truncated, a delay rounded), so a
+    timer there fires up to ~1.5 ms early; asyncio's loop never fires early."""
+    return 1.5e-3 if type(loop).__module__.startswith("uvloop") else 0.0
+
+
 _warned = False  # the fallback is logged once per process
 
 
@@ -67,6 +79,7 @@ class WakeTimer:
         self._loop = loop
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0  # time.monotonic() at which the loop-timer fallback may call back
         self._fd = -1
         self._finalizer: Callable[[], object] | None = None
         self._settime: Callable[..., int] | None = None
@@ -100,7 +113,7 @@ class WakeTimer:
             self._handle.cancel()
             self._handle = None
         if self._fd < 0:
-            self._handle = self._loop.call_later(delay, self._callback)
+            self._arm_loop_timer(delay)
             return
         spec = self._spec.it_value  # relative to now: no clock to agree on
         nanoseconds = max(round(delay * 1e9), 1)  # 0 would disarm it
@@ -108,7 +121,21 @@ class WakeTimer:
         assert self._settime is not None
         if self._settime(self._fd, 0, ctypes.byref(self._spec), None) != 0:
             # Not expected (the arguments are always valid); the loop's timer still wakes the dispatcher.
-            self._handle = self._loop.call_later(delay, self._callback)
+            self._arm_loop_timer(delay)
+
+    def _arm_loop_timer(self, delay: float) -> None:
+        self._due = time.monotonic() + delay
+        self._handle = self._loop.call_later(delay, self._loop_timer_fired)
+
+    def _loop_timer_fired(self) -> None:
+        # uvloop counts a delay from the time its loop turn began, which can be up to a millisecond
+        # before arm(): its timer can fire that much early. A window is never cut short: wait out the rest.
+        left = self._due - time.monotonic()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._loop_timer_fired)
+            return
+        self._handle = None
+        self._callback()
 
     def disarm(self) -> None:
         if self._handle is not None:

@@ -27,6 +27,7 @@ from sluice.batcher import (
     PadSpec,
     QueueFullError,
 )
+from sluice.batcher.timer import early_by
 from sluice.server.metrics import RUN_PLACES
 from sluice.server.model import LoadedModel
 from sluice.server.spin import LoneRuns, LoopSpin
@@ -336,17 +337,12 @@ def make_scheduler(
 def loop_time(deadline: float | None) -> float | None:
     """A time.monotonic() deadline on the running event loop's clock (they may differ), for timeout_at.
 
-    uvloop keeps its clock and its timers in whole milliseconds, so a timer there can fire up to ~1.2 ms
-    before the time asked; on it the deadline is set 1.5 ms late instead: a caller may hear of its deadline
-    that much after it passed, never before."""
+    Set late by what the loop's timers can fire early (`early_by`): a caller may hear of its deadline that
+    much after it passed, never before."""
     if deadline is None:
         return None
     loop = asyncio.get_running_loop()
-    late = _COARSE_CLOCK if type(loop).__module__.startswith("uvloop") else 0.0
-    return loop.time() + deadline - time.monotonic() + late
-
-
-_COARSE_CLOCK = 1.5e-3
+    return loop.time() + deadline - time.monotonic() + early_by(loop)
 
 
 class DirectScheduler:
