@@ -137,7 +137,7 @@ def specs_from_health(target: str, model: str, timeout_s: float) -> list[InputSp
     async def ask() -> inference_pb2.HealthResponse:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            return await stub.Health(inference_pb2.HealthRequest(model=model), timeout=timeout_s)
+            return await stub.Health(inference_pb2.HealthRequest(model=model), timeout=timeout_s or 10.0)
 
     health = asyncio.run(ask())
     for status in health.models:
@@ -276,7 +276,7 @@ async def call(
     recorder: Recorder,
 ) -> None:
     try:
-        await method(request, timeout=timeout_s)
+        await method(request, timeout=timeout_s or None)
     except grpc.aio.AioRpcError as err:
         recorder.record(started, err.code().name)
     except Exception as err:  # a client-side failure still has to be counted, not crash the worker
@@ -728,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=float, default=1.0, help="seconds at the start left out of the stats"
     )
-    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="per-request deadline in seconds; 0 sends none"
+    )
     parser.add_argument(
         "--metrics-url", type=check_metrics_url, help="server's Prometheus endpoint (loopback)"
     )
