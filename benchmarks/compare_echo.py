@@ -14,6 +14,7 @@ Run: ``PYTHONPATH=proto python benchmarks/compare_echo.py --server-cmd "sluice s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -157,7 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for a port")
     parser.add_argument("--show-output", action="store_true", help="copy the servers' output to stderr")
     parser.add_argument("--json", type=Path, help="write all rounds and the ratio to this file")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure benchmarks/floor_server.py (the least a Python handler can do: parse, one ONNX "
+        "Runtime run of the digits model, encode) in each round; sluice.v1 and the digits model only",
+    )
     args = parser.parse_args(argv)
+    if args.floor and (args.protocol != "sluice" or args.model != "digits"):
+        parser.error("--floor serves the digits model over sluice.v1 only")
 
     installed = "PYTHONPATH" in os.environ or importlib.util.find_spec("sluice.v1") is not None
     env_note = "" if installed else " (set PYTHONPATH=proto: sluice is not installed)"
@@ -169,19 +178,27 @@ def main(argv: list[str] | None = None) -> int:
         *(["--uvloop"] if args.echo_uvloop else []),
     ]
     server_cmd = shlex.split(args.server_cmd)
+    floor_cmd = [sys.executable, str(HERE / "floor_server.py"), "--port", "0", "--uvloop"]
     rounds: list[dict[str, Any]] = []
-    pids: dict[str, list[int]] = {"server": [], "echo": []}
-    with (
-        started(
-            server_cmd, args.server_port, args.startup_timeout, args.show_output, pids["server"]
-        ) as server_port,
-        started(echo_cmd, None, args.startup_timeout, args.show_output, pids["echo"]) as echo_port,
-    ):
+    pids: dict[str, list[int]] = {"server": [], "echo": [], "floor": []}
+    with contextlib.ExitStack() as stack:
+        ports = {
+            "server": stack.enter_context(
+                started(server_cmd, args.server_port, args.startup_timeout, args.show_output, pids["server"])
+            ),
+            "echo": stack.enter_context(
+                started(echo_cmd, None, args.startup_timeout, args.show_output, pids["echo"])
+            ),
+        }
+        if args.floor:
+            ports["floor"] = stack.enter_context(
+                started(floor_cmd, None, args.startup_timeout, args.show_output, pids["floor"])
+            )
         shapes = [f"--input-shape={s}" for s in args.input_shape]
         if not shapes:
             # The echo server advertises a fixed input; send it exactly what the server is sent.
             first = run_loadgen(
-                server_port, argparse.Namespace(**{**vars(args), "duration": 0.5, "warmup": 0}), []
+                ports["server"], argparse.Namespace(**{**vars(args), "duration": 0.5, "warmup": 0}), []
             )
             shapes = [
                 f"--input-shape={i['name']}:{i['dtype']}:{'x'.join(str(d) for d in i['shape'])}"
@@ -189,21 +206,30 @@ def main(argv: list[str] | None = None) -> int:
             ]
         for index in range(args.rounds):
             # Alternate which goes first so that a warm cache or a slow start does not favour one side.
-            order = [("server", server_port), ("echo", echo_port)]
+            order = list(ports.items())
             if index % 2:
                 order.reverse()
             result: dict[str, Any] = {}
             for name, port in order:
                 result[name] = measured(port, pids[name][0], args, shapes)
             ratio = result["server"]["requests_per_s"] / result["echo"]["requests_per_s"]
-            rounds.append({"server": result["server"], "echo": result["echo"], "ratio": ratio})
+            rounds.append({**result, "ratio": ratio})
+            floor = ""
+            if "floor" in result:
+                rounds[-1]["floor_ratio"] = (
+                    result["floor"]["requests_per_s"] / result["echo"]["requests_per_s"]
+                )
+                floor = (
+                    f"; floor {result['floor']['requests_per_s']:,.0f} req/s "
+                    f"(ratio {rounds[-1]['floor_ratio']:.2f}, CPU per request {_ms(result['floor'])})"
+                )
             print(
                 f"round {index + 1}: server {result['server']['requests_per_s']:,.0f} req/s "
                 f"(p50 {result['server']['latency_ms']['p50']:.2f} ms, "
                 f"errors {result['server']['errors'] or 0}), "
                 f"echo {result['echo']['requests_per_s']:,.0f} req/s "
                 f"(p50 {result['echo']['latency_ms']['p50']:.2f} ms), ratio {ratio:.2f}; "
-                f"server CPU per request {_ms(result['server'])} vs echo {_ms(result['echo'])}",
+                f"server CPU per request {_ms(result['server'])} vs echo {_ms(result['echo'])}{floor}",
                 flush=True,
             )
     median = statistics.median(r["ratio"] for r in rounds)
@@ -212,8 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         f"server/echo requests/s, {args.protocol} ({args.client} client), concurrency {args.concurrency}: "
         f"median ratio {median:.2f} (range {low:.2f}-{high:.2f}){env_note}"
     )
+    if args.floor:
+        floors = [r["floor_ratio"] for r in rounds]
+        print(
+            f"floor/echo requests/s: median ratio {statistics.median(floors):.2f} "
+            f"(range {min(floors):.2f}-{max(floors):.2f})"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
+        summary: dict[str, Any] = {"rounds": rounds, "median_ratio": median}
+        if args.floor:
+            summary["median_floor_ratio"] = statistics.median(r["floor_ratio"] for r in rounds)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -13,7 +13,8 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -124,10 +125,25 @@ async def serve(
     server = grpc.aio.server(options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(EchoServicer(inputs), server)
     kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeEchoServicer(), server)
+    await run_until_signalled(server, port)
+
+
+def run_loop(coro: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
+    """Runs `coro` on uvloop (as Sluice does) or on asyncio's own loop."""
+    if uvloop:
+        import uvloop as fast
+
+        fast.run(coro)
+    else:
+        asyncio.run(coro)
+
+
+async def run_until_signalled(server: grpc.aio.Server, port: int) -> None:
+    """Binds 127.0.0.1:`port`, prints ``listening on 127.0.0.1:PORT`` (what compare_echo.py reads), and
+    serves until SIGINT or SIGTERM."""
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening on 127.0.0.1:{bound}", flush=True)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     inputs = args.inputs or [parse_spec("pixels:FP32:-1x64")]
     coro = serve(args.port, inputs, args.max_message_mb, args.max_pending_requests)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run_loop(coro, uvloop=args.uvloop)
     return 0
 
 

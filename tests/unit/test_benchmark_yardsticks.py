@@ -1,0 +1,78 @@
+"""The floor server and the handler-cost benchmark measure what they claim: the floor answers a Predict as
+Sluice does (same model, same outputs), and handler_cost drives the real handler to completion."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from sluice.v1 import inference_pb2 as pb
+from sluice.v1 import inference_pb2_grpc as pb_grpc
+from support import add_digits, outputs, request, serving_stub
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT / "proto"), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@asynccontextmanager
+async def floor_server() -> AsyncIterator[pb_grpc.InferenceStub]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCHMARKS / "floor_server.py"), "--port", "0",
+        stdout=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("listening on "), line
+        async with grpc.aio.insecure_channel(line.split()[-1]) as channel:
+            yield pb_grpc.InferenceStub(channel)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_the_floor_answers_as_sluice_does(tmp_path: Path) -> None:
+    add_digits(tmp_path)
+    pixels = np.arange(3 * 64, dtype=np.float32).reshape(3, 64) % 17
+    req = request("digits", id="r1", pixels=pixels)
+    async with serving_stub(tmp_path) as sluice, floor_server() as floor:
+        health = await floor.Health(pb.HealthRequest(model="digits"))
+        (spec,) = health.models[0].versions[0].inputs
+        assert (spec.name, spec.datatype, list(spec.shape)) == ("pixels", pb.DATA_TYPE_FP32, [-1, 64])
+        expected = outputs(await sluice.Predict(req))
+        got = await floor.Predict(req)
+        assert got.id == "r1"
+        answer = outputs(got)
+        assert answer.keys() == expected.keys()
+        for name, array in expected.items():
+            np.testing.assert_allclose(answer[name], array, rtol=1e-6)
+
+
+async def test_handler_cost_runs_the_real_handler() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCHMARKS / "handler_cost.py"),
+        "--calls", "64", "--rounds", "1", "--concurrency", "8", "--no-uvloop",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "floor x1",
+        "sluice x1",
+        "floor x8",
+        "sluice x8",
+    ]
+    assert all("µs CPU per request" in line for line in lines)
