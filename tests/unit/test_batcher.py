@@ -100,11 +100,19 @@ async def make() -> AsyncIterator[Make]:
     drains them at the end, so no task outlives its test."""
     made: list[Batcher] = []
 
-    def build(model: FakeModel, *, observer: Recorder | None = None, **options: Any) -> Batcher:
+    def build(
+        model: FakeModel,
+        *,
+        observer: Recorder | None = None,
+        at_once: Callable[[Mapping[str, Array]], bool] | None = None,
+        **options: Any,
+    ) -> Batcher:
         options.setdefault("policy", "fixed")
         options.setdefault("max_delay", 0.0)
         options.setdefault("max_batch_size", 8)
-        batcher = Batcher(model.run, BatcherConfig(**options), name="test", observer=observer)
+        batcher = Batcher(
+            model.run, BatcherConfig(**options), name="test", observer=observer, at_once=at_once
+        )
         batcher.start()
         made.append(batcher)
         return batcher
@@ -316,22 +324,30 @@ async def test_a_deadline_while_running_still_fails_the_caller(make: Make) -> No
     assert_idle(batcher)
 
 
-async def test_a_run_that_holds_the_event_loop_past_the_deadline_is_not_answered(make: Make) -> None:
+@pytest.mark.parametrize("declared", [False, True], ids=["timed", "declared-at-once"])
+async def test_a_run_that_holds_the_event_loop_past_the_deadline_is_not_answered(
+    make: Make, declared: bool
+) -> None:
     # A run that computes on the event loop (the server's lone callers' runs) keeps the deadline's timer from
-    # firing until it ends: an answer that comes after the deadline is discarded all the same.
+    # firing until it ends: an answer that comes after the deadline is discarded all the same. Declared with
+    # `at_once`, the lone request gets no timer at all, and the deadline is checked when the run ends.
     model = FakeModel()
+    model.hold_when = lambda inputs: False
     model.answer = lambda inputs: (time.sleep(0.05), {"y": inputs["x"]})[1]
-    batcher = make(model)
+    batcher = make(model, at_once=(lambda inputs: True) if declared else None)
     with pytest.raises(DeadlineExpiredError, match="while its batch ran"):
         await within(batcher.submit(rows(1.0), deadline=time.monotonic() + 0.01))
     assert model.sizes == [1]
     assert_idle(batcher)
 
 
-async def test_a_deadline_met_leaves_the_caller_alone_afterwards(make: Make) -> None:
+@pytest.mark.parametrize("declared", [False, True], ids=["timed", "declared-at-once"])
+async def test_a_deadline_met_leaves_the_caller_alone_afterwards(make: Make, declared: bool) -> None:
     # The deadline is a timer that cancels the caller's task: once the answer is in, it must be gone, or the
     # caller would be cancelled later, somewhere else.
-    batcher = make(FakeModel())
+    model = FakeModel()
+    model.hold_when = lambda inputs: False
+    batcher = make(model, at_once=(lambda inputs: True) if declared else None)
 
     async def caller() -> str:
         await batcher.submit(rows(1.0), deadline=time.monotonic() + 0.05)

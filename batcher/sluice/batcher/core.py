@@ -32,7 +32,7 @@ from sluice.batcher.errors import (
     QueueFullError,
 )
 from sluice.batcher.observer import BatchObserver, NullObserver, RunObserver, RunTimes
-from sluice.batcher.pending import DROPPED, NO_LENGTHS, Array, Arrays, GroupKey, Pending, PendingQueue
+from sluice.batcher.pending import DROPPED, NO_LENGTHS, TAKEN, Array, Arrays, GroupKey, Pending, PendingQueue
 from sluice.batcher.policy import CostCurve, Estimates, LoadModel, make_policy
 from sluice.batcher.sparse import CooArray
 from sluice.batcher.timer import WakeTimer, early_by
@@ -42,6 +42,10 @@ RunFn = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
 
 LingerFn = Callable[[int], "asyncio.Future[Any] | None"]
 """(instance index) -> None, or a future that ends when that instance's cancelled run has really stopped."""
+
+AtOnceFn = Callable[[Arrays], bool]
+"""(a request's inputs) -> whether a run of them alone ends without `run` suspending (it computes on the
+event loop)."""
 
 log = logging.getLogger("sluice.batcher")
 
@@ -69,6 +73,7 @@ class Batcher:
         pressure: Callable[[], float] | None = None,
         curve: CostCurve | None = None,
         lingering: LingerFn | None = None,
+        at_once: AtOnceFn | None = None,
     ) -> None:
         """`pressure`, when given, returns the busy fraction (0..1) of the event loop the batcher runs on;
         the adaptive policy batches harder while it is saturated. It is called on the loop's thread.
@@ -79,8 +84,13 @@ class Batcher:
         `lingering`, when given, is asked after a run of an instance was cancelled (its caller left, or a
         drain ran out of time) whether the work goes on regardless, as a run in a worker thread does: it
         returns a future that ends when it stops, and until then the instance stays busy, so `run` is still
-        called at most once at a time per instance."""
+        called at most once at a time per instance.
+
+        `at_once`, when given, says whether a run of a request's inputs alone ends without `run`
+        suspending (it computes on the event loop). No timer could fire during such a run, so a request
+        that runs alone at once is not given one for its deadline: it is checked when the run ends."""
         self._run = run
+        self._at_once = at_once
         self._lingering = lingering
         self._config = config
         self._name = name
@@ -179,11 +189,11 @@ class Batcher:
         whether the request is still queued (it is removed and never runs) or already running (the
         result is discarded).
         """
-        item = self._admit(inputs, priority, deadline)
+        item, alone = self._admit(inputs, priority, deadline)
         timer: asyncio.TimerHandle | None = None
         task: asyncio.Task[Any] | None = None
         entered = 0
-        if deadline is not None:
+        if deadline is not None and not (alone and self._at_once is not None and self._at_once(inputs)):
             # A timer that cancels this task at the deadline, told apart from other cancellations by
             # `item.expired`: asyncio.timeout does the same at twice the cost, on every request.
             assert self._loop is not None
@@ -191,7 +201,7 @@ class Batcher:
             entered = 0 if task is None else task.cancelling()
             timer = self._loop.call_later(deadline - time.monotonic() + self._late, self._expire, item, task)
         try:
-            result = await self._answer(item)
+            result = await (self._run_alone(item) if alone else self._answer(item))
             if deadline is not None and not item.expired and (now := time.monotonic()) > deadline:
                 # The deadline passed while the batch ran on the event loop, where its timer could not fire.
                 raise DeadlineExpiredError(
@@ -255,26 +265,23 @@ class Batcher:
             timed.on_answer(item.rows, ran.started - item.arrival, ran)
 
     async def _answer(self, item: Pending) -> dict[str, Array]:
-        queue = self._queue
-        if (
-            self._free
-            and queue.rows == item.rows  # nothing else queued: the dispatcher is not gathering a batch
-            and not self._closing
-            and self._policy.plan(item.rows, 0.0, item.arrival)[0] <= 0
-        ):
-            # The policy would run this request alone, at once: run it in the caller's own task, which
-            # saves the dispatcher's turn of the event loop and a task. Only this caller is in the batch,
-            # so only this caller is affected if it is cancelled.
-            batch = Batch(queue.take(item.key, item.rows, 1))
-            task = asyncio.current_task()
-            assert task is not None
-            self._callers_running[task] = item
-            try:
-                await self._run_batch(batch, self._start(batch, item))
-            finally:
-                del self._callers_running[task]
-        elif queue.rows >= self._wake_rows:
+        """A queued request's answer, from the batch the dispatcher puts it in."""
+        if self._queue.rows >= self._wake_rows:
             self._wakeup.set()
+        return await item.future
+
+    async def _run_alone(self, item: Pending) -> dict[str, Array]:
+        """Runs a request that was never queued (see `_admit`) alone, in the caller's own task: that saves
+        the dispatcher's turn of the event loop and a task. Only this caller is in the batch, so only this
+        caller is affected if it is cancelled."""
+        batch = Batch([item])
+        task = asyncio.current_task()
+        assert task is not None
+        self._callers_running[task] = item
+        try:
+            await self._run_batch(batch, self._start(batch, item))
+        finally:
+            del self._callers_running[task]
         return await item.future
 
     async def drain(self, grace: float) -> None:
@@ -321,7 +328,9 @@ class Batcher:
 
     # -- admission -------------------------------------------------------------------------------------
 
-    def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> Pending:
+    def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> tuple[Pending, bool]:
+        """The request, queued unless it is to run alone at once (then True): every instance is not busy,
+        nothing else is queued (the dispatcher is not gathering a batch), and the policy would not wait."""
         if self._closing:
             self._observer.on_reject("closed", 0)
             raise BatcherClosedError(
@@ -353,10 +362,14 @@ class Batcher:
         item = Pending(
             inputs, rows, priority, next(self._seq), now, deadline, key, lengths, self._loop.create_future()
         )
-        queue.push(item)
         self._load.on_arrival(rows, now)
+        if self._free and not queue.rows and self._policy.plan(rows, 0.0, now)[0] <= 0:
+            item.state = TAKEN
+            self._observer.on_enqueue(rows, rows)
+            return item, True
+        queue.push(item)
         self._observer.on_enqueue(rows, queue.rows)
-        return item
+        return item, False
 
     def _describe(self, inputs: Arrays) -> tuple[int, GroupKey, Mapping[str, int]]:
         """Rows, group key and padded lengths of a request; raises BatchInputError if it cannot batch."""

@@ -169,12 +169,16 @@ class ModelRunner:
         """Expected seconds to run `feeds`."""
         return self._fixed + self._per_element * _elements(feeds)
 
+    def on_loop(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> bool:
+        """Whether `run` computes `feeds` on the event loop, never suspending (the batcher's `at_once`)."""
+        return self._fixed + self._per_element * _elements(feeds) <= self.inline_limit
+
     async def run(
         self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> Mapping[str, npt.NDArray[np.generic]]:
         if self.spin is not None and self.model.spins_after_runs:
             self.spin.rest()
-        if self.predicted(feeds) <= self.inline_limit:
+        if self.on_loop(feeds):
             self.places["loop"] += 1
             return self.model.run(instance, feeds)
         lone = self.lone
@@ -331,6 +335,7 @@ def make_scheduler(
         observer=observer,
         pressure=pressure,
         lingering=runner.lingering,
+        at_once=runner.on_loop,
     )
 
 
