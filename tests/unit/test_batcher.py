@@ -341,6 +341,35 @@ async def test_a_run_that_holds_the_event_loop_past_the_deadline_is_not_answered
     assert_idle(batcher)
 
 
+async def test_a_queued_request_keeps_its_deadline_when_runs_are_declared_at_once(make: Make) -> None:
+    # `at_once` spares only a request that runs alone at once a timer: one that waits in the queue (the
+    # instance busy) still leaves it when its deadline passes, and never runs.
+    model = FakeModel(held=True)
+    model.hold_when = lambda inputs: bool(inputs["x"][0, 0] == -1.0)
+    batcher = make(model, at_once=lambda inputs: True)
+    blocker = await hold_instance(batcher, model)
+    with pytest.raises(DeadlineExpiredError, match="in the queue"):
+        await within(batcher.submit(rows(1.0), deadline=time.monotonic() + 0.01))
+    assert batcher.queue_rows == 0
+    model.gate.set()
+    await within(blocker)
+    assert model.sizes == [1]
+    assert_idle(batcher)
+
+
+async def test_an_at_once_hook_that_raises_admits_nothing(make: Make) -> None:
+    def broken(inputs: Mapping[str, Array]) -> bool:
+        raise RuntimeError("hook bug")
+
+    model = FakeModel()
+    batcher = make(model, at_once=broken)
+    with pytest.raises(RuntimeError, match="hook bug"):
+        await batcher.submit(rows(1.0), deadline=time.monotonic() + 1)
+    assert model.batches == []
+    assert_idle(batcher)
+    assert (await within(batcher.submit(rows(2.0))))["y"].tolist() == [[4.0]]
+
+
 @pytest.mark.parametrize("declared", [False, True], ids=["timed", "declared-at-once"])
 async def test_a_deadline_met_leaves_the_caller_alone_afterwards(make: Make, declared: bool) -> None:
     # The deadline is a timer that cancels the caller's task: once the answer is in, it must be gone, or the

@@ -1,9 +1,10 @@
 """The Batcher: admits requests, forms batches in one dispatcher task, and runs them on model instances.
 
-Flow: `submit` validates and queues a `Pending` carrying its own future; the dispatcher sleeps until the
-first request arrives, asks the policy how long to wait for company (waking early on arrivals), then
-*collects* a batch from the queue and *runs* it in its own task on a free instance, so the next batch
-forms while this one runs. Everything is timed with time.monotonic().
+Flow: `submit` validates and queues a `Pending` carrying its own future (or, when an instance is free,
+nothing is queued and the policy would not wait, runs it alone at once in the caller's task); the
+dispatcher sleeps until the first request arrives, asks the policy how long to wait for company (waking
+early on arrivals), then *collects* a batch from the queue and *runs* it in its own task on a free
+instance, so the next batch forms while this one runs. Everything is timed with time.monotonic().
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ LingerFn = Callable[[int], "asyncio.Future[Any] | None"]
 
 AtOnceFn = Callable[[Arrays], bool]
 """(a request's inputs) -> whether a run of them alone ends without `run` suspending (it computes on the
-event loop)."""
+event loop). It must agree with `run` for the same inputs for the batcher's whole life: a run it calls at
+once that does suspend keeps its caller waiting past the deadline, until the run ends."""
 
 log = logging.getLogger("sluice.batcher")
 
@@ -87,8 +89,9 @@ class Batcher:
         called at most once at a time per instance.
 
         `at_once`, when given, says whether a run of a request's inputs alone ends without `run`
-        suspending (it computes on the event loop). No timer could fire during such a run, so a request
-        that runs alone at once is not given one for its deadline: it is checked when the run ends."""
+        suspending (it computes on the event loop; see AtOnceFn). No timer could fire during such a run, so
+        a request that runs alone at once is not given one for its deadline: it is checked when the run
+        ends. Queued requests keep theirs."""
         self._run = run
         self._at_once = at_once
         self._lingering = lingering
@@ -111,7 +114,7 @@ class Batcher:
         # (a runtime may run it differently, see the onnx runtime's elastic threads).
         self._free = list(range(config.instances))
         self._tasks: set[asyncio.Task[None]] = set()
-        # Callers running their own single-request batch (see _answer), and those drain() cut short.
+        # Callers running their own single-request batch (see _run_alone), and those drain() cut short.
         self._callers_running: dict[asyncio.Task[Any], Pending] = {}
         self._aborted: set[Pending] = set()
         self._in_flight = 0
@@ -189,11 +192,11 @@ class Batcher:
         whether the request is still queued (it is removed and never runs) or already running (the
         result is discarded).
         """
-        item, alone = self._admit(inputs, priority, deadline)
+        item, alone, timed = self._admit(inputs, priority, deadline)
         timer: asyncio.TimerHandle | None = None
         task: asyncio.Task[Any] | None = None
         entered = 0
-        if deadline is not None and not (alone and self._at_once is not None and self._at_once(inputs)):
+        if timed and deadline is not None:
             # A timer that cancels this task at the deadline, told apart from other cancellations by
             # `item.expired`: asyncio.timeout does the same at twice the cost, on every request.
             assert self._loop is not None
@@ -328,9 +331,11 @@ class Batcher:
 
     # -- admission -------------------------------------------------------------------------------------
 
-    def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> tuple[Pending, bool]:
-        """The request, queued unless it is to run alone at once (then True): every instance is not busy,
-        nothing else is queued (the dispatcher is not gathering a batch), and the policy would not wait."""
+    def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> tuple[Pending, bool, bool]:
+        """The request; whether it runs alone at once instead of being queued (an instance is free,
+        nothing else is queued so the dispatcher is not gathering a batch, and the policy would not
+        wait); and whether its deadline needs a timer (it has one, and it is not such a run that
+        `at_once` says cannot suspend)."""
         if self._closing:
             self._observer.on_reject("closed", 0)
             raise BatcherClosedError(
@@ -359,17 +364,20 @@ class Batcher:
                 f"model '{self._name}': queue full ({queue.rows} rows queued, {rows} more requested, "
                 f"limit max_queue_rows={config.max_queue_rows})"
             )
+        free = bool(self._free) and not queue.rows
+        # Asked before anything is recorded, so that a hook that raises leaves nothing half-admitted.
+        untimed = free and deadline is not None and self._at_once is not None and self._at_once(inputs)
         item = Pending(
             inputs, rows, priority, next(self._seq), now, deadline, key, lengths, self._loop.create_future()
         )
         self._load.on_arrival(rows, now)
-        if self._free and not queue.rows and self._policy.plan(rows, 0.0, now)[0] <= 0:
+        if free and self._policy.plan(rows, 0.0, now)[0] <= 0:
             item.state = TAKEN
             self._observer.on_enqueue(rows, rows)
-            return item, True
+            return item, True, deadline is not None and not untimed
         queue.push(item)
         self._observer.on_enqueue(rows, queue.rows)
-        return item, False
+        return item, False, deadline is not None
 
     def _describe(self, inputs: Arrays) -> tuple[int, GroupKey, Mapping[str, int]]:
         """Rows, group key and padded lengths of a request; raises BatchInputError if it cannot batch."""

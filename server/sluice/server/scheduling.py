@@ -170,7 +170,9 @@ class ModelRunner:
         return self._fixed + self._per_element * _elements(feeds)
 
     def on_loop(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> bool:
-        """Whether `run` computes `feeds` on the event loop, never suspending (the batcher's `at_once`)."""
+        """Whether `run` computes `feeds` on the event loop, never suspending (the batcher's `at_once`, which
+        must agree with `run`: so the prediction and `inline_limit` are set before the batcher starts, at
+        load, and never after)."""
         return self._fixed + self._per_element * _elements(feeds) <= self.inline_limit
 
     async def run(
