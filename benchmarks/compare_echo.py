@@ -238,16 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         f"server/echo requests/s, {args.protocol} ({args.client} client), concurrency {args.concurrency}: "
         f"median ratio {median:.2f} (range {low:.2f}-{high:.2f}){env_note}"
     )
-    if args.floor:
-        floors = [r["floor_ratio"] for r in rounds]
+    floors = [r["floor_ratio"] for r in rounds if "floor_ratio" in r]
+    if floors:
         print(
             f"floor/echo requests/s: median ratio {statistics.median(floors):.2f} "
             f"(range {min(floors):.2f}-{max(floors):.2f})"
         )
     if args.json:
         summary: dict[str, Any] = {"rounds": rounds, "median_ratio": median}
-        if args.floor:
-            summary["median_floor_ratio"] = statistics.median(r["floor_ratio"] for r in rounds)
+        if floors:
+            summary["median_floor_ratio"] = statistics.median(floors)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

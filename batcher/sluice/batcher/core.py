@@ -192,11 +192,11 @@ class Batcher:
         whether the request is still queued (it is removed and never runs) or already running (the
         result is discarded).
         """
-        item, alone, timed = self._admit(inputs, priority, deadline)
+        item, alone, untimed = self._admit(inputs, priority, deadline)
         timer: asyncio.TimerHandle | None = None
         task: asyncio.Task[Any] | None = None
         entered = 0
-        if timed and deadline is not None:
+        if deadline is not None and not untimed:
             # A timer that cancels this task at the deadline, told apart from other cancellations by
             # `item.expired`: asyncio.timeout does the same at twice the cost, on every request.
             assert self._loop is not None
@@ -334,8 +334,8 @@ class Batcher:
     def _admit(self, inputs: Arrays, priority: int, deadline: float | None) -> tuple[Pending, bool, bool]:
         """The request; whether it runs alone at once instead of being queued (an instance is free,
         nothing else is queued so the dispatcher is not gathering a batch, and the policy would not
-        wait); and whether its deadline needs a timer (it has one, and it is not such a run that
-        `at_once` says cannot suspend)."""
+        wait); and whether its deadline needs no timer (it is such a run, with a deadline, and `at_once`
+        says it cannot suspend)."""
         if self._closing:
             self._observer.on_reject("closed", 0)
             raise BatcherClosedError(
@@ -374,10 +374,10 @@ class Batcher:
         if free and self._policy.plan(rows, 0.0, now)[0] <= 0:
             item.state = TAKEN
             self._observer.on_enqueue(rows, rows)
-            return item, True, deadline is not None and not untimed
+            return item, True, untimed
         queue.push(item)
         self._observer.on_enqueue(rows, queue.rows)
-        return item, False, deadline is not None
+        return item, False, False
 
     def _describe(self, inputs: Arrays) -> tuple[int, GroupKey, Mapping[str, int]]:
         """Rows, group key and padded lengths of a request; raises BatchInputError if it cannot batch."""

@@ -173,7 +173,7 @@ class ModelRunner:
         """Whether `run` computes `feeds` on the event loop, never suspending (the batcher's `at_once`, which
         must agree with `run`: so the prediction and `inline_limit` are set before the batcher starts, at
         load, and never after)."""
-        return self._fixed + self._per_element * _elements(feeds) <= self.inline_limit
+        return self.predicted(feeds) <= self.inline_limit
 
     async def run(
         self, instance: int, feeds: Mapping[str, npt.NDArray[np.generic]]
