@@ -10,7 +10,9 @@ started from its own source tree:
                  serve --port 0 --http-port -1" \\
         --b-cmd ".venv/bin/sluice serve --port 0 --http-port -1" --concurrency 64 --processes 2 --rounds 6
 
-Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does).
+Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does). Each round
+also reports each server's CPU (all its threads) per request, and the summary B's over A's: what a change
+saves or costs in CPU shows there even where requests/s, moved by the neighbours, cannot tell it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compare_echo import run_loadgen, started
+from compare_echo import measured, started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,34 +50,53 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds: list[dict[str, Any]] = []
     shapes = [f"--input-shape={s}" for s in args.input_shape]
+    pids: list[int] = []
     with (
-        started(shlex.split(args.a_cmd), None, args.startup_timeout, False) as a_port,
-        started(shlex.split(args.b_cmd), None, args.startup_timeout, False) as b_port,
+        started(shlex.split(args.a_cmd), None, args.startup_timeout, False, pids) as a_port,
+        started(shlex.split(args.b_cmd), None, args.startup_timeout, False, pids) as b_port,
     ):
         for index in range(args.rounds):
-            order = [("a", a_port), ("b", b_port)]
+            order = [("a", a_port, pids[0]), ("b", b_port, pids[1])]
             if index % 2:
                 order.reverse()
-            result = {name: run_loadgen(port, args, shapes) for name, port in order}
+            result = {name: measured(port, pid, args, shapes) for name, port, pid in order}
             ratio = result["b"]["requests_per_s"] / result["a"]["requests_per_s"]
-            rounds.append({**result, "ratio": ratio})
+            cpu = _cpu_ratio(result["a"], result["b"])
+            rounds.append({**result, "ratio": ratio, "cpu_ratio": cpu})
             print(
-                f"round {index + 1}: A {result['a']['requests_per_s']:,.0f} req/s "
-                f"(p50 {result['a']['latency_ms']['p50']:.2f} ms, errors {result['a']['errors'] or 0}), "
-                f"B {result['b']['requests_per_s']:,.0f} req/s "
-                f"(p50 {result['b']['latency_ms']['p50']:.2f} ms, errors {result['b']['errors'] or 0}), "
-                f"B/A {ratio:.2f}",
+                f"round {index + 1}: A {_round(result['a'])}, B {_round(result['b'])}, B/A {ratio:.2f}"
+                + ("" if cpu is None else f", CPU per request B/A {cpu:.2f}"),
                 flush=True,
             )
     ratios = [r["ratio"] for r in rounds]
     median = statistics.median(ratios)
+    cpus = [r["cpu_ratio"] for r in rounds if r["cpu_ratio"] is not None]
+    cpu_median = statistics.median(cpus) if cpus else None
     print(
         f"B/A requests/s at concurrency {args.concurrency}: median {median:.2f} "
         f"(range {min(ratios):.2f}-{max(ratios):.2f})"
+        + ("" if cpu_median is None else f"; server CPU per request B/A: median {cpu_median:.2f}")
     )
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "median_ratio": median}, indent=2) + "\n")
+        summary = {"rounds": rounds, "median_ratio": median, "median_cpu_ratio": cpu_median}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _round(report: dict[str, Any]) -> str:
+    cpu = report.get("server_cpu_ms_per_request")
+    spent = "" if cpu is None else f", server CPU {cpu * 1e3:.0f} µs/request"
+    return (
+        f"{report['requests_per_s']:,.0f} req/s (p50 {report['latency_ms']['p50']:.2f} ms, "
+        f"errors {report['errors'] or 0}{spent})"
+    )
+
+
+def _cpu_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """B's server CPU per request over A's: what the servers spent, which the neighbours' load moves far
+    less than requests/s; None where /proc cannot tell."""
+    spent_a, spent_b = a.get("server_cpu_ms_per_request"), b.get("server_cpu_ms_per_request")
+    return spent_b / spent_a if spent_a and spent_b else None
 
 
 if __name__ == "__main__":

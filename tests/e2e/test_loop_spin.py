@@ -21,17 +21,21 @@ import pytest
 from sluice.server.app import SluiceServer
 from sluice.server.scheduling import LoopLoad
 from sluice.server.settings import ServerSettings
-from sluice.server.spin import LoopSpin
+from sluice.server.spin import CROWD_MEMORY, LoopSpin
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from stress.harness import gated_model
-from support import add_digits, request
+from support import add_digits, request, scrape
 
 
 @asynccontextmanager
-async def _server(repo: Path, spin_us: int) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
+async def _server(
+    repo: Path, spin_us: int, metrics_port: int = -1
+) -> AsyncIterator[tuple[SluiceServer, pb_grpc.InferenceStub]]:
     server = SluiceServer(
-        ServerSettings(model_repository=repo, port=0, metrics_port=-1, http_port=-1, loop_spin_us=spin_us)
+        ServerSettings(
+            model_repository=repo, port=0, metrics_port=metrics_port, http_port=-1, loop_spin_us=spin_us
+        )
     )
     await server.start()
     try:
@@ -89,7 +93,7 @@ async def _cpu_while_idle(seconds: float) -> float:
 
 
 async def test_a_caller_sending_back_to_back_keeps_the_loop_spinning_then_it_sleeps(tmp_path: Path) -> None:
-    async with _server(_digits(tmp_path / "repo"), spin_us=200_000) as (server, stub):
+    async with _server(_digits(tmp_path / "repo"), spin_us=200_000, metrics_port=0) as (server, stub):
         spin = server.spin
         assert spin is not None
         for _ in range(5):
@@ -99,6 +103,9 @@ async def test_a_caller_sending_back_to_back_keeps_the_loop_spinning_then_it_sle
         spun = spin.spun
         await asyncio.sleep(0.05)
         assert spin.spun - spun > 0.005
+        # What spinning costs is on the metrics endpoint, for an operator who sees the CPU.
+        exported = (await asyncio.to_thread(scrape, server))["sluice_loop_spin_seconds_total"]
+        assert spun + 0.005 < exported <= spin.spun
         # Once the window has passed without a request the loop sleeps: idleness costs (almost) no CPU.
         await asyncio.sleep(0.25)
         assert not spin.spinning
@@ -226,10 +233,36 @@ async def test_concurrent_callers_do_not_make_the_loop_spin(tmp_path: Path) -> N
         await asyncio.gather(held, overlapping)
         assert server.plane.inflight == 0
         assert not spin.spinning
-        # A lone caller again: the loop spins again.
+        # Right after a crowd, requests that happen not to overlap are still the crowd's: no spinning.
+        await stub.Predict(ZEROS)
+        await stub.Predict(ZEROS)
+        assert not spin.spinning
+        # A lone caller again, once the crowd is CROWD_MEMORY in the past: the loop spins again.
+        await asyncio.sleep(CROWD_MEMORY)
         await stub.Predict(ZEROS)
         await stub.Predict(ZEROS)
         assert spin.spinning
+
+
+async def test_a_crowd_keeps_the_loop_still_for_a_while_a_lone_caller_never_does() -> None:
+    # Requests that complete within one step of the loop leave nothing in flight between them, so each
+    # pause looks like a lone caller's; the crowd shows only in the requests of it that do overlap.
+    spin = LoopSpin(10.0)
+    now = 100.0
+    spin.idle(now)
+    spin.arrived(now + 1e-4)
+    spin.crowded(now + 2e-4)
+    for step in range(1, 10):  # pauses after requests that did not overlap, all within CROWD_MEMORY
+        now += 1e-4 * step
+        spin.arrived(now)
+        spin.idle(now + 5e-5)
+        assert not spin.spinning
+    spin.arrived(now + CROWD_MEMORY)
+    spin.idle(now + CROWD_MEMORY + 5e-5)
+    assert spin.spinning
+    spin.arrived(time.monotonic())  # the spinning ends at the loop's next pass
+    await asyncio.sleep(0.01)
+    assert not spin.spinning
 
 
 async def test_a_stream_counts_like_calls(tmp_path: Path) -> None:

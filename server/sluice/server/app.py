@@ -54,6 +54,9 @@ class SluiceServer:
         self.metrics = Metrics()
         root = settings.model_repository or bundled_repository()
         self.spin = LoopSpin(settings.loop_spin_us / 1e6) if settings.loop_spin_us else None
+        if self.spin is not None:
+            spin = self.spin
+            self.metrics.loop_spun = lambda: spin.spun
         self.lone = LoneRuns()
         """When a lone caller's run may compute on the event loop (the data plane tells it about callers)."""
         self.loop_load = LoopLoad(spin=self.spin, lone=self.lone)

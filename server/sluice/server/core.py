@@ -215,7 +215,7 @@ class DataPlane:
                 self._spin.arrived(now)
         elif self.inflight == 2:
             if self._spin is not None:
-                self._spin.crowded()
+                self._spin.crowded(now)
             if self._lone is not None:
                 self._lone.crowded()
 

@@ -177,6 +177,9 @@ class Metrics(Collector):
         self.overload: dict[str, int] = {"max_inflight": 0, "max_streams": 0}
         self.model_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
         """Every model version as (model, version, state), read when scraped (the repository sets it)."""
+        self.loop_spun: Callable[[], float] | None = None
+        """Seconds the event loop has spent only spinning for a lone caller's next request (the server sets
+        it when the loop spins)."""
         self.registry = CollectorRegistry(auto_describe=False)
         self._http: WSGIServer | None = None
         self.registry.register(self)
@@ -250,6 +253,14 @@ class Metrics(Collector):
         for limit, count in list(self.overload.items()):
             overload.add_metric([limit], count)
         yield overload
+        if self.loop_spun is not None:
+            spun = CounterMetricFamily(
+                "sluice_loop_spin_seconds",
+                "CPU seconds the event loop spent polling for a lone caller's next request instead of "
+                "sleeping (loop_spin_us, docs/scale.md).",
+                value=self.loop_spun(),
+            )
+            yield spun
         models = list(self.models.items())
         for attr, name, doc in (
             (

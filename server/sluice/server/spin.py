@@ -10,9 +10,10 @@ schedules itself again, so each pass of the loop polls its sockets without a tim
 It spins only where that can pay:
 - after the last request in flight is answered, and only if the previous such pause ended with a request
   within the window: a sparse caller (requests further apart than the window) costs nothing;
-- only after a lone request (no second one arrived while it was in flight): with concurrent callers the
-  caches stay warm from their traffic, and the server's rare empty moments are when the callers, the network
-  and gRPC's own threads are busy; spinning then took their CPU (-17% requests/s at 64 callers on 2 cores);
+- only after a lone request (no second one arrived while it was in flight), and not within CROWD_MEMORY of
+  a request that was not lone: with concurrent callers the caches stay warm from their traffic, and the
+  server's rare empty moments are when the callers, the network and gRPC's own threads are busy; spinning
+  then took their CPU (-17% requests/s at 64 callers on 2 cores);
 - not while a run or a plugin step computes in a worker thread (`hold`): that thread needs the core, and the
   GIL for its Python parts;
 - not at the pause after a run of a model whose ONNX Runtime pool threads spin on after a run (`rest`): they
@@ -32,6 +33,11 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
+CROWD_MEMORY = 0.1
+"""Seconds after a crowd (a second request arriving while one was in flight) during which the loop does not
+spin. Requests that complete within one step of the loop leave nothing in flight, so between two pauses a
+crowd of them looks like a lone caller; but some of its requests do overlap (at 8 closed-loop digits callers
+on 2 cores, 40% of them ran in batches of two or more), and a lone caller's never do."""
 IDLE_PASS = 10e-6
 """A pass of the loop shorter than this ran nothing but the spin: a bare pass takes 1 to 3 us (uvloop) or 2
 to 6 us (asyncio's loop); any real work, even one of gRPC's short steps, counts as work."""
@@ -48,6 +54,7 @@ class LoopSpin:
         self._idle_since = -window  # when the server last answered its last request in flight
         self._close = False  # the last pause ended with a request within the window
         self._crowded = False  # a second request arrived while one was in flight, since the last pause
+        self._crowd_at = -CROWD_MEMORY  # when that last happened
         self._rest = False  # a run whose pool threads spin on after it ended since the last pause
         self._until = 0.0
         self._last = 0.0
@@ -65,9 +72,11 @@ class LoopSpin:
         self._crowded = False
         self._until = 0.0
 
-    def crowded(self) -> None:
-        """A second request arrived while one was in flight: no spinning at the next pause."""
+    def crowded(self, now: float) -> None:
+        """A second request arrived at `now` while one was in flight: no spinning at the next pause, nor at
+        any pause for CROWD_MEMORY after it."""
         self._crowded = True
+        self._crowd_at = now
 
     def rest(self) -> None:
         """A run of a model whose pool threads spin on after it: no spinning at the next pause."""
@@ -77,7 +86,14 @@ class LoopSpin:
         """The last request in flight was answered at `now`: spin for the next one, if they come close."""
         self._idle_since = now
         rest, self._rest = self._rest, False
-        if not self._close or self._crowded or rest or self._threads or self.window <= 0:
+        if (
+            not self._close
+            or self._crowded
+            or now - self._crowd_at < CROWD_MEMORY
+            or rest
+            or self._threads
+            or self.window <= 0
+        ):
             return
         self._until = now + self.window
         if not self.spinning:
