@@ -6,6 +6,10 @@ deadlines, metrics, error statuses or checks beyond what numpy does: it is not a
 much of the gap between Sluice and the echo server any Python handler on grpc.aio would pay anyway (parsing,
 one model run per request, encoding). A bad request gets whatever gRPC makes of the exception.
 
+With ``--skip-model`` it runs the model for the first request only and answers every later one with those
+outputs: parsing and encoding without the run, so that set beside the floor it tells what one ONNX Runtime
+call costs a served request (several times its cost in a loop in-process: see benchmarks/RESULTS.md).
+
 Run: ``PYTHONPATH=proto python benchmarks/floor_server.py --port 0 --uvloop`` (prints
 ``listening on 127.0.0.1:PORT``); compare with ``compare_echo.py --server-cmd "python
 benchmarks/floor_server.py --port 0 --uvloop"``.
@@ -33,13 +37,15 @@ DIGITS = Path(__file__).resolve().parents[1] / "examples" / "models" / "digits" 
 class Floor:
     """One ONNX Runtime session and the Predict handler that runs it once per request."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, *, skip_model: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._run = session._sess.run  # the binding under InferenceSession.run, as Sluice calls it
         self.name = name
+        self._skip_model = skip_model
+        self._first: list[Any] | None = None  # the first run's outputs, with skip_model
         self._outputs = [o.name for o in session.get_outputs()]
         self.inputs = [
             pb.TensorSpec(
@@ -56,7 +62,11 @@ class Floor:
             t.name: np.frombuffer(t.raw_contents, NUMERIC[t.datatype]).reshape(tuple(t.shape))
             for t in request.inputs
         }
-        results = self._run(self._outputs, feeds, None)
+        results = self._first
+        if results is None:
+            results = self._run(self._outputs, feeds, None)
+            if self._skip_model:
+                self._first = results
         response = pb.PredictResponse(id=request.id, model=request.model, model_version=1)
         for name, array in zip(self._outputs, results, strict=True):
             out = response.outputs.add()
@@ -97,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", type=Path, default=DIGITS, help="the ONNX file (default: digits)")
     parser.add_argument("--name", default="digits", help="the model name Health reports")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as Sluice does")
+    parser.add_argument(
+        "--skip-model",
+        action="store_true",
+        help="answer every request after the first with the first one's outputs, without running the model",
+    )
     args = parser.parse_args(argv)
-    coro = serve(args.port, Floor(args.model_file, args.name))
+    coro = serve(args.port, Floor(args.model_file, args.name, skip_model=args.skip_model))
     run_loop(coro, uvloop=args.uvloop)
     return 0
 

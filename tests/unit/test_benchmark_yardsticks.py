@@ -27,9 +27,9 @@ def _env() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def floor_server() -> AsyncIterator[pb_grpc.InferenceStub]:
+async def floor_server(*flags: str) -> AsyncIterator[pb_grpc.InferenceStub]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(BENCHMARKS / "floor_server.py"), "--port", "0",
+        sys.executable, str(BENCHMARKS / "floor_server.py"), "--port", "0", *flags,
         stdout=asyncio.subprocess.PIPE, env=_env(),
     )  # fmt: skip
     try:
@@ -58,6 +58,21 @@ async def test_the_floor_answers_as_sluice_does(tmp_path: Path) -> None:
         assert answer.keys() == expected.keys()
         for name, array in expected.items():
             np.testing.assert_allclose(answer[name], array, rtol=1e-6)
+
+
+async def test_the_floor_without_the_model_answers_every_request_with_the_first_answer() -> None:
+    first = request("digits", id="a", pixels=np.zeros((1, 64), np.float32))
+    other = request("digits", id="b", pixels=np.full((1, 64), 16, np.float32))
+    async with floor_server() as floor, floor_server("--skip-model") as skipping:
+        ran = outputs(await floor.Predict(other))
+        expected = outputs(await skipping.Predict(first))
+        got = await skipping.Predict(other)
+        assert got.id == "b"
+        answer = outputs(got)
+        # The second request was parsed and answered without a run: it got the first request's outputs.
+        assert not np.array_equal(ran["probabilities"], expected["probabilities"])
+        for name, array in expected.items():
+            np.testing.assert_array_equal(answer[name], array)
 
 
 async def test_handler_cost_runs_the_real_handler() -> None:
