@@ -33,6 +33,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PORT_LINE = re.compile(r"listening on \S*:(\d+)|^\s*(\d+)\s*$")
+METRICS_LINE = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,10 +59,16 @@ def measured(port: int, pid: int, args: argparse.Namespace, extra: list[str]) ->
 
 @contextmanager
 def started(
-    cmd: list[str], port: int | None, startup_s: float, echo_output: bool, pid: list[int] | None = None
+    cmd: list[str],
+    port: int | None,
+    startup_s: float,
+    echo_output: bool,
+    pid: list[int] | None = None,
+    metrics: list[str] | None = None,
 ) -> Iterator[int]:
     """Start ``cmd``, wait for its port, keep draining its output, and stop it on exit; its process id is
-    appended to ``pid`` when given."""
+    appended to ``pid`` when given, and the metrics URL it prints (``sluice serve`` does, before it is
+    ready) to ``metrics``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         found: list[int] = [] if port is None else [port]
@@ -75,6 +82,9 @@ def started(
             for line in proc.stdout:
                 if echo_output:
                     sys.stderr.write(f"[{Path(cmd[0]).name}] {line}")
+                url = METRICS_LINE.search(line)
+                if url and metrics is not None:
+                    metrics.append(url.group(1))
                 match = PORT_LINE.search(line)
                 if match and not seen.is_set():
                     found.append(int(match.group(1) or match.group(2)))

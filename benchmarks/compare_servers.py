@@ -12,7 +12,10 @@ started from its own source tree:
 
 Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does). Each round
 also reports each server's CPU (all its threads) per request, and the summary B's over A's: what a change
-saves or costs in CPU shows there even where requests/s, moved by the neighbours, cannot tell it.
+saves or costs in CPU shows there even where requests/s, moved by the neighbours, cannot tell it. Where a
+server prints its metrics URL (`sluice serve --metrics-port 0` does), each round also says how it batched
+(requests per batch) and how much its event loop spun per request: a server that falls into a state where
+it stops batching shows there, round by round.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import shlex
 import statistics
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     shapes = [f"--input-shape={s}" for s in args.input_shape]
     pids: list[int] = []
+    a_url: list[str] = []
+    b_url: list[str] = []
     with (
-        started(shlex.split(args.a_cmd), None, args.startup_timeout, False, pids) as a_port,
-        started(shlex.split(args.b_cmd), None, args.startup_timeout, False, pids) as b_port,
+        started(shlex.split(args.a_cmd), None, args.startup_timeout, False, pids, a_url) as a_port,
+        started(shlex.split(args.b_cmd), None, args.startup_timeout, False, pids, b_url) as b_port,
     ):
+        urls = {"a": a_url[0] if a_url else None, "b": b_url[0] if b_url else None}
         for index in range(args.rounds):
             order = [("a", a_port, pids[0]), ("b", b_port, pids[1])]
             if index % 2:
                 order.reverse()
-            result = {name: measured(port, pid, args, shapes) for name, port, pid in order}
+            result = {name: _measured(port, pid, urls[name], args, shapes) for name, port, pid in order}
             ratio = result["b"]["requests_per_s"] / result["a"]["requests_per_s"]
             cpu = _cpu_ratio(result["a"], result["b"])
             rounds.append({**result, "ratio": ratio, "cpu_ratio": cpu})
@@ -83,9 +90,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _measured(
+    port: int, pid: int, url: str | None, args: argparse.Namespace, shapes: list[str]
+) -> dict[str, Any]:
+    """`measured`, plus what the server's metrics say of the round, where it serves them: requests per
+    batch and the event loop's spinning per request. They tell which state a server was in; one that
+    batches in some rounds and not in others explains a ratio the median alone hides."""
+    before = batching(url) if url else None
+    report = measured(port, pid, args, shapes)
+    if before is not None and url:
+        after = batching(url)
+        requests = after["requests"] - before["requests"]
+        batches = after["batches"] - before["batches"]
+        if requests > 0 and batches > 0:
+            report["mean_batch"] = requests / batches
+            report["spun_us_per_request"] = (after["spun"] - before["spun"]) / requests * 1e6
+    return report
+
+
+def batching(url: str) -> dict[str, float]:
+    """Requests batched, batches and seconds spun so far, summed over the server's models."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return batching_totals(response.read().decode())
+
+
+def batching_totals(text: str) -> dict[str, float]:
+    """`batching` from Prometheus text: sluice_batch_requests' sum and count, sluice_loop_spin_seconds."""
+    totals = {"requests": 0.0, "batches": 0.0, "spun": 0.0}
+    fields = {
+        "sluice_batch_requests_sum": "requests",
+        "sluice_batch_requests_count": "batches",
+        "sluice_loop_spin_seconds_total": "spun",
+    }
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        field = fields.get(name)
+        if field is not None:
+            totals[field] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def _round(report: dict[str, Any]) -> str:
     cpu = report.get("server_cpu_ms_per_request")
     spent = "" if cpu is None else f", server CPU {cpu * 1e3:.0f} µs/request"
+    if "mean_batch" in report:
+        batch, spun = report["mean_batch"], report["spun_us_per_request"]
+        spent += f", {batch:.2f} requests/batch, spun {spun:.1f} µs/request"
     return (
         f"{report['requests_per_s']:,.0f} req/s (p50 {report['latency_ms']['p50']:.2f} ms, "
         f"errors {report['errors'] or 0}{spent})"

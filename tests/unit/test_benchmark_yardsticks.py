@@ -4,6 +4,7 @@ Sluice does (same model, same outputs), and handler_cost drives the real handler
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -91,3 +92,26 @@ async def test_handler_cost_runs_the_real_handler() -> None:
         "sluice x8",
     ]
     assert all("µs CPU per request" in line for line in lines)
+
+
+async def test_compare_servers_reports_cpu_and_batching_of_each_server(tmp_path: Path) -> None:
+    # A ratio of requests/s alone hides which state each server was in; each round also says what the
+    # server spent per request and how it batched (from its own metrics endpoint).
+    add_digits(tmp_path / "repo")
+    serve = f"{sys.executable} -m sluice.server.cli serve {tmp_path / 'repo'} --port 0 --metrics-port 0 --http-port -1"
+    report = tmp_path / "report.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCHMARKS / "compare_servers.py"), "--a-cmd", serve, "--b-cmd", serve,
+        "--concurrency", "2", "--processes", "1", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2",
+        "--json", str(report),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, err.decode()
+    assert "server CPU per request B/A" in out.decode()
+    (result,) = json.loads(report.read_text())["rounds"]
+    for name in ("a", "b"):
+        assert result[name]["server_cpu_ms_per_request"] > 0
+        assert result[name]["mean_batch"] >= 1.0
+        assert result[name]["spun_us_per_request"] >= 0.0
+    assert result["cpu_ratio"] > 0
