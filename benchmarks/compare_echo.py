@@ -49,11 +49,13 @@ def cpu_seconds(pid: int) -> float:
 def measured(port: int, pid: int, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """`run_loadgen`'s report plus the server's own CPU per request (ms): a figure the neighbours' load
     moves far less than requests/s, since it counts what the server spent, not what it was given."""
-    before, start = cpu_seconds(pid), time.monotonic()
+    before = cpu_seconds(pid)
     report = run_loadgen(port, args, extra)
-    spent, elapsed = cpu_seconds(pid) - before, time.monotonic() - start
-    rate = report["requests_per_s"]
-    report["server_cpu_ms_per_request"] = spent / elapsed / rate * 1e3 if rate and elapsed else None
+    spent = cpu_seconds(pid) - before
+    # Requests answered while the CPU was counted: the load generator's warm-up and measured seconds (its
+    # own start and exit, when the server idles, are not requests).
+    answered = report["requests_per_s"] * (args.warmup + args.duration)
+    report["server_cpu_ms_per_request"] = spent / answered * 1e3 if answered else None
     return report
 
 
@@ -67,8 +69,8 @@ def started(
     metrics: list[str] | None = None,
 ) -> Iterator[int]:
     """Start ``cmd``, wait for its port, keep draining its output, and stop it on exit; its process id is
-    appended to ``pid`` when given, and the metrics URL it prints (``sluice serve`` does, before it is
-    ready) to ``metrics``."""
+    appended to ``pid`` when given, and the metrics URL it prints (``sluice serve`` does, just after its
+    port: read it when needed, not on return) to ``metrics``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         found: list[int] = [] if port is None else [port]

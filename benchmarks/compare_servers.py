@@ -7,8 +7,9 @@ started from its own source tree:
     python benchmarks/compare_servers.py \\
         --a-cmd "env PYTHONPATH=/tmp/main/proto:/tmp/main/batcher:/tmp/main/server .venv/bin/python \\
                  -c 'import sys; from sluice.server.cli import main; sys.exit(main())' \\
-                 serve --port 0 --http-port -1" \\
-        --b-cmd ".venv/bin/sluice serve --port 0 --http-port -1" --concurrency 64 --processes 2 --rounds 6
+                 serve --port 0 --metrics-port 0 --http-port -1" \\
+        --b-cmd ".venv/bin/sluice serve --port 0 --metrics-port 0 --http-port -1" --concurrency 64 \\
+        --processes 2 --rounds 6
 
 Each command must print its port as `compare_echo.py` expects (`sluice serve --port 0` does). Each round
 also reports each server's CPU (all its threads) per request, and the summary B's over A's: what a change
@@ -61,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         started(shlex.split(args.a_cmd), None, args.startup_timeout, False, pids, a_url) as a_port,
         started(shlex.split(args.b_cmd), None, args.startup_timeout, False, pids, b_url) as b_port,
     ):
-        urls = {"a": a_url[0] if a_url else None, "b": b_url[0] if b_url else None}
+        urls = {"a": a_url, "b": b_url}  # filled as each server prints its URL, after its port
         for index in range(args.rounds):
             order = [("a", a_port, pids[0]), ("b", b_port, pids[1])]
             if index % 2:
                 order.reverse()
-            result = {name: _measured(port, pid, urls[name], args, shapes) for name, port, pid in order}
+            result = {
+                name: _measured(port, pid, next(iter(urls[name]), None), args, shapes)
+                for name, port, pid in order
+            }
             ratio = result["b"]["requests_per_s"] / result["a"]["requests_per_s"]
             cpu = _cpu_ratio(result["a"], result["b"])
             rounds.append({**result, "ratio": ratio, "cpu_ratio": cpu})
@@ -96,16 +100,29 @@ def _measured(
     """`measured`, plus what the server's metrics say of the round, where it serves them: requests per
     batch and the event loop's spinning per request. They tell which state a server was in; one that
     batches in some rounds and not in others explains a ratio the median alone hides."""
-    before = batching(url) if url else None
+    before = _scraped(url)
     report = measured(port, pid, args, shapes)
-    if before is not None and url:
-        after = batching(url)
+    after = _scraped(url)
+    if before is not None and after is not None:
         requests = after["requests"] - before["requests"]
         batches = after["batches"] - before["batches"]
         if requests > 0 and batches > 0:
             report["mean_batch"] = requests / batches
-            report["spun_us_per_request"] = (after["spun"] - before["spun"]) / requests * 1e6
+            if "spun" in after:  # absent: the server does not spin (or predates the counter)
+                report["spun_us_per_request"] = (after["spun"] - before.get("spun", 0.0)) / requests * 1e6
     return report
+
+
+def _scraped(url: str | None) -> dict[str, float] | None:
+    """`batching(url)`, or None when there is no URL or the scrape fails: a round without these figures
+    is still a round."""
+    if not url:
+        return None
+    try:
+        return batching(url)
+    except (OSError, ValueError) as exc:
+        print(f"warning: could not read {url}: {exc}", file=sys.stderr)
+        return None
 
 
 def batching(url: str) -> dict[str, float]:
@@ -116,7 +133,7 @@ def batching(url: str) -> dict[str, float]:
 
 def batching_totals(text: str) -> dict[str, float]:
     """`batching` from Prometheus text: sluice_batch_requests' sum and count, sluice_loop_spin_seconds."""
-    totals = {"requests": 0.0, "batches": 0.0, "spun": 0.0}
+    totals = {"requests": 0.0, "batches": 0.0}
     fields = {
         "sluice_batch_requests_sum": "requests",
         "sluice_batch_requests_count": "batches",
@@ -126,7 +143,7 @@ def batching_totals(text: str) -> dict[str, float]:
         name = line.split("{", 1)[0].split(" ", 1)[0]
         field = fields.get(name)
         if field is not None:
-            totals[field] += float(line.rsplit(" ", 1)[1])
+            totals[field] = totals.get(field, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -134,8 +151,9 @@ def _round(report: dict[str, Any]) -> str:
     cpu = report.get("server_cpu_ms_per_request")
     spent = "" if cpu is None else f", server CPU {cpu * 1e3:.0f} µs/request"
     if "mean_batch" in report:
-        batch, spun = report["mean_batch"], report["spun_us_per_request"]
-        spent += f", {batch:.2f} requests/batch, spun {spun:.1f} µs/request"
+        spent += f", {report['mean_batch']:.2f} requests/batch"
+    if "spun_us_per_request" in report:
+        spent += f", spun {report['spun_us_per_request']:.1f} µs/request"
     return (
         f"{report['requests_per_s']:,.0f} req/s (p50 {report['latency_ms']['p50']:.2f} ms, "
         f"errors {report['errors'] or 0}{spent})"
