@@ -43,6 +43,15 @@ class _Context:
 
     def __init__(self, deadline: float | None) -> None:
         self._deadline = deadline
+        self._done: list[Callable[[Any], object]] = []
+
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
+        self._done.append(callback)
+
+    def done(self) -> None:
+        """One call ended, as gRPC ends it after the handler returned (callers share this context)."""
+        if self._done:  # the floor's handler registers none
+            self._done.pop()(self)
 
     def time_remaining(self) -> float | None:
         return self._deadline
@@ -72,6 +81,7 @@ async def cpu_per_call(
     async def caller() -> None:
         for _ in range(calls // concurrency):
             await handler(data, context)
+            context.done()
 
     await caller()  # warm
     started = time.process_time()

@@ -323,3 +323,35 @@ async def test_the_loop_does_not_spin_beside_pool_threads_that_spin_on_after_a_r
         for _ in range(3):  # back to back: a lone caller whose next request the loop would wait for
             await stub.Predict(_digit())
         assert server.spin.spinning is loop_spins
+
+
+async def test_grpc_calls_alive_tell_a_crowd_from_a_lone_caller(tmp_path: Path) -> None:
+    # The adaptive batcher asks this on a saturated loop: a crowd's short waits that gathered nobody were too
+    # short, a lone caller's were in vain. Every call counts until gRPC is done with it, whatever its fate.
+    repo, gate = _gated(tmp_path)
+    async with _server(repo, spin_us=0) as (server, stub):
+        calls = server.plane.calls
+        for _ in range(5):  # a lone caller: each call has ended before the next begins
+            await stub.Predict(ZEROS)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Predict(request("nonexistent", x=np.zeros((1, 4), np.float32)))
+        assert calls.alive == 0
+        assert not calls.crowded()
+        held = asyncio.ensure_future(stub.Predict(ONES))
+        await _until_inflight(server, 1)
+        second = asyncio.ensure_future(stub.Predict(ZEROS))  # begins while the held call is alive
+        await _until_inflight(server, 2)
+        assert calls.alive == 2
+        assert calls.crowded()
+        leaving = stub.Predict(ONES)
+        await _until_inflight(server, 3)
+        leaving.cancel()  # a caller that leaves: its call ends too
+        gate.touch()
+        await asyncio.gather(held, second)
+        for _ in range(1000):
+            if calls.alive == 0:
+                break
+            await asyncio.sleep(0.005)
+        assert calls.alive == 0
+        await asyncio.sleep(CROWD_MEMORY)  # the crowd is remembered for a while, then not
+        assert not calls.crowded()

@@ -86,3 +86,36 @@ def test_a_wait_whose_rows_left_does_not_judge_the_next_batch() -> None:
     policy.wait_abandoned()  # its callers gave up: the queue emptied
     policy.dispatched(1, 1, 0.0, 0.01)  # a later request that ran at once, without waiting
     assert policy.plan(1, 0.0, 0.02)[0] > 0  # no back-off: no wait of this batch was fruitless
+
+
+def saturated(crowded: bool) -> AdaptivePolicy:
+    config = BatcherConfig(policy="adaptive", max_delay=MAX_DELAY, max_batch_size=64)
+    return AdaptivePolicy(config, LoadModel(), lambda: 1.0, crowded=lambda: crowded)
+
+
+def _fruitless_waits(policy: AdaptivePolicy, requests: int) -> int:
+    """Requests that each wait for company nobody brings; returns how many of them waited."""
+    now, waits = 0.0, 0
+    for _ in range(requests):
+        policy.load.on_arrival(1, now)
+        wait, _ = policy.plan(1, 0.0, now)
+        if wait > 0:
+            policy.wait_began(1)
+            waits += 1
+            now += wait
+        policy.dispatched(1, 1, wait, now)
+        policy.on_run(1, 64, 20e-6)
+        now += 1e-4
+    return waits
+
+
+def test_a_lone_caller_on_a_saturated_loop_still_backs_off() -> None:
+    # Nobody else calls: however long it waits, nobody joins, so the waits back off as at an idle loop.
+    assert _fruitless_waits(saturated(crowded=False), 500) <= 11
+
+
+def test_a_crowd_on_a_saturated_loop_keeps_waiting_after_waits_that_gathered_nobody() -> None:
+    # Many callers whose next requests are still in gRPC, not yet read by the busy loop: a short wait that
+    # gathered none of them was too short, not in vain. Backing off here (up to 1,024 batches without a
+    # wait) left 64 digits callers unbatched for seconds at a time, the wait cap stuck at its floor.
+    assert _fruitless_waits(saturated(crowded=True), 500) == 500

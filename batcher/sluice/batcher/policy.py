@@ -404,8 +404,11 @@ class AdaptivePolicy(Policy):
         load: LoadModel,
         pressure: Callable[[], float] | None,
         curve: CostCurve | None = None,
+        crowded: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(config, load, pressure)
+        self.crowded = crowded
+        """Whether several callers are sending (None: never known); see `_backs_off`."""
         self._skip = 0  # batches still to dispatch at once after a fruitless wait
         self._backoff = 1
         self.loop_bound = False
@@ -456,7 +459,7 @@ class AdaptivePolicy(Policy):
             self.curve.gathered(queued >= self._gathering)
         if self._skip:
             self._skip -= 1
-        elif self._waiting:
+        elif self._waiting and self._backs_off(self.loop_bound):
             if queued > self._wait_rows:
                 self._backoff = 1
             else:  # nothing joined while it waited: the callers cannot send more until answered
@@ -509,6 +512,15 @@ class AdaptivePolicy(Policy):
         self.wait_cap = self._bounded(self._centre * (CAP_DITHER if window in (0, 3) else 1.0 / CAP_DITHER))
         self._window_start, self._window_rows, self._window_bound = now, 0, 0
 
+    def _backs_off(self, bound: bool) -> bool:
+        """Whether fruitless waits back off: not on a saturated loop while callers crowd the server. There
+        the callers' next requests wait in gRPC for the loop, and a short wait that gathered none of them
+        says it was too short, which the wait cap's climb answers; backing off (up to MAX_BACKOFF batches
+        without a wait) left 64 closed-loop digits callers on 2 cores unbatched for seconds at a time, the
+        cap stuck at its floor. A lone caller is never a crowd, and on a loop it saturates its waits
+        still back off: nobody joins them, however long."""
+        return not (bound and self.crowded is not None and self.crowded())
+
     def _bounded(self, cap: float) -> float:
         """`cap` within max_delay * CAP_FLOOR ... max_delay."""
         return min(max(cap, self.max_delay * CAP_FLOOR), self.max_delay)
@@ -521,9 +533,11 @@ class AdaptivePolicy(Policy):
             probe = self.curve.probe_rows_above(self._per_row, self.max_rows)
             if probe > enough:
                 enough = gathering = probe
-        if left <= 0 or queued >= enough or self._skip:
+        if left <= 0 or queued >= enough:
             return 0.0, 0
         bound = self.pressure is not None and self.pressure() >= LOOP_SATURATED
+        if self._skip and self._backs_off(bound):
+            return 0.0, 0
         if bound:
             left = self.wait_cap - waited
             if left <= 0:
@@ -546,9 +560,11 @@ def make_policy(
     load: LoadModel,
     pressure: Callable[[], float] | None = None,
     curve: CostCurve | None = None,
+    crowded: Callable[[], bool] | None = None,
 ) -> Policy:
-    """The policy `config` names; only the adaptive one uses (and feeds) the cost curve."""
+    """The policy `config` names; only the adaptive one uses (and feeds) the cost curve, and asks whether
+    callers crowd the server."""
     if config.policy == "adaptive":
-        return AdaptivePolicy(config, load, pressure, curve)
+        return AdaptivePolicy(config, load, pressure, curve, crowded)
     kinds: dict[str, type[Policy]] = {"fixed": FixedPolicy, "none": NoBatching}
     return kinds[config.policy](config, load, pressure)

@@ -24,7 +24,7 @@ from sluice.server.scheduling import LoopLoad
 from sluice.server.security import BearerToken, server_credentials
 from sluice.server.service import InferenceService
 from sluice.server.settings import ServerSettings
-from sluice.server.spin import LoneRuns, LoopSpin
+from sluice.server.spin import Calls, LoneRuns, LoopSpin
 from sluice.v1 import inference_pb2 as pb
 
 log = logging.getLogger("sluice.server")
@@ -59,8 +59,11 @@ class SluiceServer:
             self.metrics.loop_spun = lambda: spin.spun
         self.lone = LoneRuns()
         """When a lone caller's run may compute on the event loop (the data plane tells it about callers)."""
-        self.loop_load = LoopLoad(spin=self.spin, lone=self.lone)
-        """How busy the event loop is, spinning and lone runs left out: the adaptive batchers read it."""
+        self.calls = Calls()
+        """The gRPC calls alive: whether callers crowd the server (the doors count them)."""
+        self.loop_load = LoopLoad(spin=self.spin, lone=self.lone, calls=self.calls)
+        """How busy the event loop is, spinning and lone runs left out, and whether a crowd makes it so: the
+        adaptive batchers read it."""
         self.repository = ModelRepository(
             root,
             self.metrics,
@@ -81,6 +84,7 @@ class SluiceServer:
             ),
             self.spin,
             self.lone,
+            self.calls,
         )
         self.service = InferenceService(self.plane)
         self.probes = Probes()

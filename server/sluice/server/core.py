@@ -30,7 +30,7 @@ from sluice.server.metrics import Metrics
 from sluice.server.pipeline import Servable
 from sluice.server.plugins import TensorSpec
 from sluice.server.repository import ModelRepository, State
-from sluice.server.spin import LoneRuns, LoopSpin
+from sluice.server.spin import Calls, LoneRuns, LoopSpin
 from sluice.server.tensors import densify, sparse_parts
 from sluice.v1 import inference_pb2 as pb
 from sluice.wire import NUMERIC, VARIABLE, decode, element_count, format_shape, type_name
@@ -144,9 +144,11 @@ class DataPlane:
         limits: Limits,
         spin: LoopSpin | None = None,
         lone: LoneRuns | None = None,
+        calls: Calls | None = None,
     ) -> None:
         """`spin`, when given, keeps the event loop polling for the next request for a while after the
-        last one in flight is answered. `lone`, when given, learns from it whether callers are lone."""
+        last one in flight is answered. `lone`, when given, learns from it whether callers are lone.
+        `calls` counts the gRPC calls alive (the doors tell it; the adaptive batchers read it)."""
         self.repository = repository
         self.metrics = metrics
         self.limits = limits
@@ -162,6 +164,8 @@ class DataPlane:
         self._lone = lone
         if lone is not None:
             lone.requests = lambda: self.inflight
+        self.calls = calls if calls is not None else Calls()
+        """gRPC calls alive: a crowd the count in flight does not see (see Calls)."""
 
     # -- the server's state ---------------------------------------------------------------------------
 
@@ -218,6 +222,12 @@ class DataPlane:
                 self._spin.crowded(now)
             if self._lone is not None:
                 self._lone.crowded()
+
+    def call_began(self, now: float) -> None:
+        """A gRPC call (unary, or a stream's opening) started at `now`; the door tells `calls` when it
+        ends."""
+        if self.calls.began(now) and self._spin is not None:
+            self._spin.crowded(now)
 
     def leave(self) -> None:
         """One admitted call or stream message has its answer."""

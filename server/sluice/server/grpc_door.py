@@ -91,8 +91,13 @@ def unary(
 ) -> grpc.RpcMethodHandler[bytes, Response]:
     """A unary method: admitted, parsed, answered, counted; every failure a status with a message."""
 
+    calls = plane.calls
+
     async def handle(data: bytes, context: Context) -> Response | _Empty:
         started = time.monotonic()
+        plane.call_began(started)
+        # The stubs ask for their own DoneCallback class; gRPC calls any callable with the context.
+        context.add_done_callback(calls.ended)  # type: ignore[arg-type]
         large = len(data) >= LARGE
         if large:
             memory.large_request()
@@ -145,6 +150,8 @@ def stream(
     failed one is answered in-band by `failed(request or None, code, message)`; the stream goes on."""
 
     async def handle(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Response]:
+        plane.call_began(time.monotonic())
+        context.add_done_callback(plane.calls.ended)  # type: ignore[arg-type]
         try:
             plane.open_stream()
         except SluiceError as exc:

@@ -30,7 +30,7 @@ from sluice.batcher import (
 from sluice.batcher.timer import early_by
 from sluice.server.metrics import RUN_PLACES
 from sluice.server.model import LoadedModel
-from sluice.server.spin import LoneRuns, LoopSpin
+from sluice.server.spin import Calls, LoneRuns, LoopSpin
 
 Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -301,9 +301,7 @@ def _median_run(model: LoadedModel, feeds: Mapping[str, npt.NDArray[np.generic]]
     return statistics.median(times)
 
 
-def make_scheduler(
-    runner: ModelRunner, observer: BatchObserver, pressure: Callable[[], float] | None = None
-) -> Scheduler:
+def make_scheduler(runner: ModelRunner, observer: BatchObserver, loop: LoopLoad | None = None) -> Scheduler:
     """A batcher for models with a batch dimension, a plain concurrency limit for the others."""
     model = runner.model
     config = model.config
@@ -335,9 +333,10 @@ def make_scheduler(
         batching,
         name=model.name,
         observer=observer,
-        pressure=pressure,
+        pressure=loop,
         lingering=runner.lingering,
         at_once=runner.on_loop,
+        crowded=None if loop is None else loop.crowded,
     )
 
 
@@ -479,13 +478,19 @@ class LoopLoad:
     """
 
     def __init__(
-        self, window: float = 0.05, spin: LoopSpin | None = None, lone: LoneRuns | None = None
+        self,
+        window: float = 0.05,
+        spin: LoopSpin | None = None,
+        lone: LoneRuns | None = None,
+        calls: Calls | None = None,
     ) -> None:
         """`spin`, when given, is the loop's spinner: the time the loop spent only spinning is not load.
-        `lone` lets lone callers' runs compute on the loop: that time is not load either."""
+        `lone` lets lone callers' runs compute on the loop: that time is not load either. `calls`, the
+        gRPC calls alive, tells whether a crowd of callers loads the loop (`crowded`)."""
         self._window = window
         self.spin = spin
         self.lone = lone
+        self.calls = calls
         self._wall = time.monotonic()
         self._cpu = self._busy()
         self.value = 0.0
@@ -494,6 +499,10 @@ class LoopLoad:
         spin, lone = self.spin, self.lone
         idle = (spin.spun if spin is not None else 0.0) + (lone.computed if lone is not None else 0.0)
         return time.thread_time() - idle
+
+    def crowded(self) -> bool:
+        """Whether several callers' calls overlap (see Calls); False when nobody counts them."""
+        return self.calls is not None and self.calls.crowded()
 
     def __call__(self) -> float:
         now = time.monotonic()

@@ -34,10 +34,11 @@ from typing import Any, TypeVar
 _T = TypeVar("_T")
 
 CROWD_MEMORY = 0.1
-"""Seconds after a crowd (a second request arriving while one was in flight) during which the loop does not
-spin. Requests that complete within one step of the loop leave nothing in flight, so between two pauses a
-crowd of them looks like a lone caller; but some of its requests do overlap (at 8 closed-loop digits callers
-on 2 cores, 40% of them ran in batches of two or more), and a lone caller's never do."""
+"""Seconds after a crowd (a second request arriving while one was in flight, or a gRPC call beginning while
+another is alive: see Calls) during which the loop does not spin, and the adaptive batchers take a saturated
+loop for a crowd's. Requests that complete within one step of the loop leave nothing in flight, so between
+two pauses a crowd of them looks like a lone caller; but some of its requests do overlap (at 8 closed-loop
+digits callers on 2 cores, 43% of them ran in batches of two or more), and a lone caller's never do."""
 IDLE_PASS = 10e-6
 """A pass of the loop shorter than this ran nothing but the spin: a bare pass takes 1 to 3 us (uvloop) or 2
 to 6 us (asyncio's loop); any real work, even one of gRPC's short steps, counts as work."""
@@ -125,6 +126,40 @@ class LoopSpin:
             self._loop.call_soon(self._pass)
         else:
             self._loop = None
+
+
+class Calls:
+    """gRPC calls alive, from when their handler starts until gRPC has finished them (the answer sent), and
+    when one last started while another was alive: a crowd.
+
+    The door's count of requests in flight cannot see a crowd whose requests each complete within one step
+    of the event loop (a small model on a saturated loop): each handler has returned before the next one
+    starts. gRPC still holds an answered call while it sends the answer, so concurrent callers' calls
+    overlap there (at 64 closed-loop digits callers on 2 cores, a quarter or more of the calls started
+    while another was alive where the door saw none), and a lone caller's never do: its next call comes
+    after its answer."""
+
+    def __init__(self) -> None:
+        self.alive = 0
+        self.crowd_at = -CROWD_MEMORY
+        """When a call last started while another was alive (time.monotonic())."""
+
+    def began(self, now: float) -> bool:
+        """A call started at `now`; returns whether another one was alive."""
+        crowd = self.alive > 0
+        if crowd:
+            self.crowd_at = now
+        self.alive += 1
+        return crowd
+
+    def ended(self, _context: object = None) -> None:
+        """A call ended (gRPC calls it with the call's context, on the event loop)."""
+        self.alive -= 1
+
+    def crowded(self) -> bool:
+        """Whether calls are alive side by side (two streams, say), or one started while another was alive
+        within the last CROWD_MEMORY seconds."""
+        return self.alive > 1 or time.monotonic() - self.crowd_at < CROWD_MEMORY
 
 
 async def in_worker(pool: Executor, spin: LoopSpin | None, work: Callable[..., _T], *args: Any) -> _T:
