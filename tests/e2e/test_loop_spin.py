@@ -21,7 +21,7 @@ import pytest
 from sluice.server.app import SluiceServer
 from sluice.server.scheduling import LoopLoad
 from sluice.server.settings import ServerSettings
-from sluice.server.spin import CROWD_MEMORY, LoopSpin
+from sluice.server.spin import CROWD_MEMORY, Calls, LoopSpin
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
 from stress.harness import gated_model
@@ -355,3 +355,37 @@ async def test_grpc_calls_alive_tell_a_crowd_from_a_lone_caller(tmp_path: Path) 
         assert calls.alive == 0
         await asyncio.sleep(CROWD_MEMORY)  # the crowd is remembered for a while, then not
         assert not calls.crowded()
+
+
+async def test_an_idle_open_stream_does_not_make_a_lone_caller_a_crowd(tmp_path: Path) -> None:
+    # A stream left open is one caller waiting, not a second caller sending: the loop still spins for
+    # the lone caller beside it, and the batchers still take it for a lone caller.
+    async with _server(_digits(tmp_path / "repo"), spin_us=900_000) as (server, stub):
+        stream = stub.StreamPredict()
+        await stream.write(_digit())
+        assert (await stream.read()).code == 0
+        for _ in range(5):
+            await stub.Predict(_digit())
+        assert not server.plane.calls.crowded()
+        assert server.spin is not None
+        assert server.spin.spinning
+        await stream.done_writing()
+
+
+async def test_the_adaptive_batcher_asks_the_servers_calls_whether_callers_crowd(tmp_path: Path) -> None:
+    async with _server(_digits(tmp_path / "repo"), spin_us=0) as (server, _):
+        scheduler = server.plane.repository.resolve("digits", None).scheduler
+        assert scheduler._policy.crowded == server.loop_load.crowded  # type: ignore[attr-defined]
+
+
+def test_a_crowd_is_remembered_after_its_calls_end() -> None:
+    calls = Calls()
+    now = time.monotonic()
+    assert not calls.began(now)
+    assert calls.began(now)  # a second call while the first is alive
+    calls.ended()
+    calls.ended()
+    assert calls.alive == 0
+    assert calls.crowded()  # within CROWD_MEMORY of the overlap
+    calls.crowd_at = now - CROWD_MEMORY
+    assert not calls.crowded()

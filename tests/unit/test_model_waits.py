@@ -88,34 +88,59 @@ def test_a_wait_whose_rows_left_does_not_judge_the_next_batch() -> None:
     assert policy.plan(1, 0.0, 0.02)[0] > 0  # no back-off: no wait of this batch was fruitless
 
 
-def saturated(crowded: bool) -> AdaptivePolicy:
+def saturated(crowded: list[bool]) -> AdaptivePolicy:
+    """A policy on a saturated loop whose callers crowd the server while `crowded[0]`, after a second of
+    this model's requests at 1,000 a second."""
     config = BatcherConfig(policy="adaptive", max_delay=MAX_DELAY, max_batch_size=64)
-    return AdaptivePolicy(config, LoadModel(), lambda: 1.0, crowded=lambda: crowded)
+    policy = AdaptivePolicy(config, LoadModel(), lambda: 1.0, crowded=lambda: crowded[0])
+    for step in range(1000):
+        policy.load.on_arrival(1, -1.0 + step * 1e-3)
+    return policy
 
 
-def _fruitless_waits(policy: AdaptivePolicy, requests: int) -> int:
-    """Requests that each wait for company nobody brings; returns how many of them waited."""
-    now, waits = 0.0, 0
+def _waits(policy: AdaptivePolicy, requests: int, gap: float = 1e-4, joined: int = 0) -> int:
+    """`requests` requests `gap` s apart, each waited for by `joined` more rows if it waits; returns how
+    many of them waited."""
+    now, waits = policy.load._last, 0
     for _ in range(requests):
+        now += gap
         policy.load.on_arrival(1, now)
         wait, _ = policy.plan(1, 0.0, now)
         if wait > 0:
             policy.wait_began(1)
             waits += 1
             now += wait
-        policy.dispatched(1, 1, wait, now)
+        policy.dispatched(1 + joined if wait > 0 else 1, 1 + joined if wait > 0 else 1, wait, now)
         policy.on_run(1, 64, 20e-6)
-        now += 1e-4
     return waits
 
 
 def test_a_lone_caller_on_a_saturated_loop_still_backs_off() -> None:
     # Nobody else calls: however long it waits, nobody joins, so the waits back off as at an idle loop.
-    assert _fruitless_waits(saturated(crowded=False), 500) <= 11
+    assert _waits(saturated([False]), 500) <= 11
 
 
 def test_a_crowd_on_a_saturated_loop_keeps_waiting_after_waits_that_gathered_nobody() -> None:
     # Many callers whose next requests are still in gRPC, not yet read by the busy loop: a short wait that
     # gathered none of them was too short, not in vain. Backing off here (up to 1,024 batches without a
     # wait) left 64 digits callers unbatched for seconds at a time, the wait cap stuck at its floor.
-    assert _fruitless_waits(saturated(crowded=True), 500) == 500
+    assert _waits(saturated([True]), 500) == 500
+
+
+def test_a_sparse_caller_beside_another_models_crowd_still_backs_off() -> None:
+    # The crowd is the server's; this model's requests come 50 ms apart, so nobody joins within max_delay.
+    policy = saturated([True])
+    for step in range(200):  # its rate falls to 20 a second
+        policy.load.on_arrival(1, step * 0.05)
+    assert _waits(policy, 300, gap=0.05) <= 11
+
+
+def test_waits_that_bring_company_in_a_crowd_reset_the_back_off() -> None:
+    crowded = [False]
+    policy = saturated(crowded)
+    _waits(policy, 3000)  # a lone caller's fruitless waits: the back-off has grown to its maximum
+    crowded[0] = True
+    assert _waits(policy, 50, joined=3) == 50  # a crowd: every wait brings company
+    crowded[0] = False
+    _waits(policy, 1)  # one fruitless wait of a lone caller again
+    assert _waits(policy, 2) == 1  # backs off for one batch, not for the 1,024 left from before

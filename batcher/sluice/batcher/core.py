@@ -494,8 +494,8 @@ class Batcher:
                 self._spawn(batch, head)
 
     async def _wait(self, limit: float | None = None) -> None:
-        # Cleared only here, right before sleeping: the caller checked the state with no await since,
-        # so no wakeup can be lost.
+        # Cleared here, right before sleeping (and between the turns of a polled wait, after checking
+        # what could have set it): the caller checked the state with no await since, so no wakeup is lost.
         self._wakeup.clear()
         if limit is None:
             await self._wakeup.wait()
@@ -503,9 +503,9 @@ class Batcher:
         assert self._loop is not None
         if limit <= SPIN_MAX:
             # Not timed: the dispatcher looks again after each of the loop's turns, which read what has
-            # arrived meanwhile (what uvloop does with such a delay anyway), until an admission or a
-            # freed instance wakes it or the wait is over. Only then does it plan again: a plan per turn
-            # cost a saturated loop 5,000-9,000 plans a second at 8 digits callers.
+            # arrived meanwhile (what uvloop does with such a delay anyway), until enough rows are queued,
+            # a drain begins or the wait is over. Only then does it plan again: a plan per turn cost a
+            # saturated loop 5,000-9,000 plans a second at 8 digits callers.
             end = time.monotonic() + limit
             loop = self._loop
             while True:

@@ -457,14 +457,15 @@ class AdaptivePolicy(Policy):
         self._climb(rows, now)
         if self._gathering:
             self.curve.gathered(queued >= self._gathering)
-        if self._skip:
-            self._skip -= 1
-        elif self._waiting and self._backs_off(self.loop_bound):
+        if self._waiting:  # (while backing off, only a crowd waits: see `_backs_off`)
             if queued > self._wait_rows:
-                self._backoff = 1
-            else:  # nothing joined while it waited: the callers cannot send more until answered
+                self._backoff, self._skip = 1, 0
+            elif self._backs_off(self.loop_bound, now):
+                # Nothing joined while it waited: the callers cannot send more until answered.
                 self._skip = self._backoff
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF)
+        elif self._skip:
+            self._skip -= 1
         self.wait_abandoned()
 
     def wait_began(self, queued: int) -> None:
@@ -512,14 +513,17 @@ class AdaptivePolicy(Policy):
         self.wait_cap = self._bounded(self._centre * (CAP_DITHER if window in (0, 3) else 1.0 / CAP_DITHER))
         self._window_start, self._window_rows, self._window_bound = now, 0, 0
 
-    def _backs_off(self, bound: bool) -> bool:
-        """Whether fruitless waits back off: not on a saturated loop while callers crowd the server. There
-        the callers' next requests wait in gRPC for the loop, and a short wait that gathered none of them
-        says it was too short, which the wait cap's climb answers; backing off (up to MAX_BACKOFF batches
-        without a wait) left 64 closed-loop digits callers on 2 cores unbatched for seconds at a time, the
-        cap stuck at its floor. A lone caller is never a crowd, and on a loop it saturates its waits
-        still back off: nobody joins them, however long."""
-        return not (bound and self.crowded is not None and self.crowded())
+    def _backs_off(self, bound: bool, now: float) -> bool:
+        """Whether fruitless waits back off: not on a saturated loop while callers crowd the server and
+        this model's requests come often enough to join within max_delay. There the callers' next requests
+        wait in gRPC for the loop, and a short wait that gathered none of them says it was too short, which
+        the wait cap's climb answers; backing off (up to MAX_BACKOFF batches without a wait) left 64
+        closed-loop digits callers on 2 cores unbatched for seconds at a time, the cap stuck at its floor.
+        A lone caller is never a crowd, and a sparse caller of a model beside another model's crowd
+        expects nobody within max_delay: their waits still back off, nobody joins them however long."""
+        if not bound or self.crowded is None:
+            return True
+        return self.load.rate(now) * self.max_delay < 1.0 or not self.crowded()
 
     def _bounded(self, cap: float) -> float:
         """`cap` within max_delay * CAP_FLOOR ... max_delay."""
@@ -536,7 +540,7 @@ class AdaptivePolicy(Policy):
         if left <= 0 or queued >= enough:
             return 0.0, 0
         bound = self.pressure is not None and self.pressure() >= LOOP_SATURATED
-        if self._skip and self._backs_off(bound):
+        if self._skip and self._backs_off(bound, now):
             return 0.0, 0
         if bound:
             left = self.wait_cap - waited

@@ -218,14 +218,16 @@ class DataPlane:
             if self._spin is not None:
                 self._spin.arrived(now)
         elif self.inflight == 2:
+            self.calls.crowd_at = now  # any door's: a stream's messages, REST requests
             if self._spin is not None:
                 self._spin.crowded(now)
             if self._lone is not None:
                 self._lone.crowded()
 
     def call_began(self, now: float) -> None:
-        """A gRPC call (unary, or a stream's opening) started at `now`; the door tells `calls` when it
-        ends."""
+        """A unary gRPC call started at `now`; the door tells `calls` when gRPC is done with it. (A stream
+        is not counted: one left open would make every call beside it look crowded. Its messages count as
+        requests in flight.)"""
         if self.calls.began(now) and self._spin is not None:
             self._spin.crowded(now)
 

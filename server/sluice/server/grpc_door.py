@@ -95,9 +95,10 @@ def unary(
 
     async def handle(data: bytes, context: Context) -> Response | _Empty:
         started = time.monotonic()
-        plane.call_began(started)
-        # The stubs ask for their own DoneCallback class; gRPC calls any callable with the context.
+        # Counted until gRPC is done with the call (see Calls); the stubs ask for their own DoneCallback
+        # class, gRPC calls any callable with the context.
         context.add_done_callback(calls.ended)  # type: ignore[arg-type]
+        plane.call_began(started)
         large = len(data) >= LARGE
         if large:
             memory.large_request()
@@ -150,8 +151,6 @@ def stream(
     failed one is answered in-band by `failed(request or None, code, message)`; the stream goes on."""
 
     async def handle(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Response]:
-        plane.call_began(time.monotonic())
-        context.add_done_callback(plane.calls.ended)  # type: ignore[arg-type]
         try:
             plane.open_stream()
         except SluiceError as exc:

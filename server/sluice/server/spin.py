@@ -129,8 +129,9 @@ class LoopSpin:
 
 
 class Calls:
-    """gRPC calls alive, from when their handler starts until gRPC has finished them (the answer sent), and
-    when one last started while another was alive: a crowd.
+    """Unary gRPC calls alive, from when their handler starts until gRPC has finished them (the answer
+    sent), and when one last started while another was alive, or two requests were in flight at once
+    (the data plane says so): a crowd.
 
     The door's count of requests in flight cannot see a crowd whose requests each complete within one step
     of the event loop (a small model on a saturated loop): each handler has returned before the next one
@@ -142,7 +143,8 @@ class Calls:
     def __init__(self) -> None:
         self.alive = 0
         self.crowd_at = -CROWD_MEMORY
-        """When a call last started while another was alive (time.monotonic())."""
+        """When a call last started while another was alive, or two requests were in flight at once
+        (time.monotonic())."""
 
     def began(self, now: float) -> bool:
         """A call started at `now`; returns whether another one was alive."""
