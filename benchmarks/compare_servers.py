@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from compare_echo import measured, started
 
 
@@ -139,11 +141,11 @@ def batching_totals(text: str) -> dict[str, float]:
         "sluice_batch_requests_count": "batches",
         "sluice_loop_spin_seconds_total": "spun",
     }
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        field = fields.get(name)
-        if field is not None:
-            totals[field] = totals.get(field, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            field = fields.get(sample.name)
+            if field is not None:
+                totals[field] = totals.get(field, 0.0) + sample.value
     return totals
 
 
