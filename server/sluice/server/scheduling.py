@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import statistics
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -471,10 +473,16 @@ class DirectScheduler:
 
 
 class LoopLoad:
-    """Busy fraction of the event loop's thread: its CPU time over wall time, in windows of `window` s.
+    """Busy fraction of the event loop's thread over windows of `window` s: the time it computed, and on
+    Linux also the time it was ready to compute but waited for a CPU, over wall time.
 
     The adaptive batcher reads it to tell a saturated loop (where every batch saved is throughput) from an
-    idle one (where waiting for company only adds latency). Call it only on the loop's thread.
+    idle one (where waiting for company only adds latency). CPU time alone cannot tell them apart on a
+    machine short of CPU: a loop with work queued that other threads and processes keep off the cores
+    computes only part of the time, and it read as idle (0.53 at 8 closed-loop digits callers on 2 cores
+    with one busy process beside them, benchmarks/RESULTS.md), so the batcher stopped batching exactly when
+    each batch saved mattered most. The kernel counts that wait per thread (`/proc/thread-self/schedstat`,
+    its second field). Call it only on the loop's thread.
     """
 
     def __init__(
@@ -491,14 +499,41 @@ class LoopLoad:
         self.spin = spin
         self.lone = lone
         self.calls = calls
+        self._schedstat: int | None = None  # the loop thread's, opened on that thread at the first window
+        self._opened = False
+        self._close: weakref.finalize[[int], LoopLoad] | None = None
         self._wall = time.monotonic()
-        self._cpu = self._busy()
+        self._idle = self._not_load()
+        self._cpu = time.thread_time() - self._idle
+        self._waited = 0.0
         self.value = 0.0
 
-    def _busy(self) -> float:
+    def _not_load(self) -> float:
+        """Seconds of the loop thread's CPU so far that were not load: spinning, and lone runs."""
         spin, lone = self.spin, self.lone
-        idle = (spin.spun if spin is not None else 0.0) + (lone.computed if lone is not None else 0.0)
-        return time.thread_time() - idle
+        return (spin.spun if spin is not None else 0.0) + (lone.computed if lone is not None else 0.0)
+
+    def _runnable(self) -> float:
+        """Seconds the loop's thread has waited for a CPU while ready to run; 0 where nothing says."""
+        fd = self._schedstat
+        if fd is None:
+            return 0.0
+        try:
+            return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            self._schedstat = None
+            if self._close is not None:
+                self._close()  # once: a finalizer that has run does nothing more
+            return 0.0
+
+    def _open(self) -> None:
+        """Opens the calling thread's schedstat, where there is one (Linux); kept open, it is one pread a
+        window."""
+        self._opened = True
+        with contextlib.suppress(OSError):
+            fd = self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            self._close = weakref.finalize(self, os.close, fd)
+        self._waited = self._runnable()
 
     def crowded(self) -> bool:
         """Whether several callers' calls overlap (see Calls); False when nobody counts them."""
@@ -508,7 +543,15 @@ class LoopLoad:
         now = time.monotonic()
         elapsed = now - self._wall
         if elapsed >= self._window:
-            cpu = self._busy()
-            self.value = max(cpu - self._cpu, 0.0) / elapsed
-            self._wall, self._cpu = now, cpu
+            if not self._opened:
+                self._open()
+            idle, waited = self._not_load(), self._runnable()
+            cpu = time.thread_time() - idle
+            busy = max(cpu - self._cpu, 0.0)
+            if idle == self._idle:
+                # A window with spinning or a lone run in it leaves out their wait for a CPU as well (a
+                # spinning loop is always ready to run): only a lone caller is served there.
+                busy += max(waited - self._waited, 0.0)
+            self.value = min(busy / elapsed, 1.0)
+            self._wall, self._cpu, self._waited, self._idle = now, cpu, waited, idle
         return self.value
