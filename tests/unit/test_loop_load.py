@@ -14,27 +14,48 @@ from pathlib import Path
 
 import pytest
 
+from sluice.batcher.policy import LOOP_SATURATED
+from sluice.server import scheduling
 from sluice.server.scheduling import LoopLoad
 
-SCHEDSTAT = Path("/proc/thread-self/schedstat")
+# Computes until told to stop, for 30 s at most, and not a moment after the test process is gone.
+HOG = """
+import os, sys, time
+parent, end = os.getppid(), time.monotonic() + 30
+print("computing", flush=True)
+while time.monotonic() < end and os.getppid() == parent:
+    pass
+"""
+
+
+def waited_for_a_cpu() -> int:
+    """ns this thread has waited for a CPU while ready to run (the kernel's count)."""
+    return int(Path(scheduling.SCHEDSTAT).read_text().split()[1])
 
 
 @contextmanager
 def sharing_one_cpu() -> Iterator[None]:
     """This thread and a process that computes without pause pinned to the same CPU: the thread gets
-    about half of it, whatever else the machine is doing."""
+    about half of it, whatever else the machine is doing. Skips where affinity cannot be set."""
     before = os.sched_getaffinity(0)
     cpu = min(before)
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True)
     try:
-        os.sched_setaffinity(hog.pid, {cpu})
-        os.sched_setaffinity(0, {cpu})
-        time.sleep(0.05)  # the hog is running before anything is measured
-        yield
+        assert hog.stdout is not None
+        assert hog.stdout.readline().strip() == "computing"
+        try:
+            os.sched_setaffinity(hog.pid, {cpu})
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            pytest.skip(f"cannot pin threads to a CPU here: {exc}")
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
     finally:
-        os.sched_setaffinity(0, before)
         hog.kill()
         hog.wait()
+        hog.stdout.close()
 
 
 def compute(seconds: float) -> None:
@@ -44,44 +65,59 @@ def compute(seconds: float) -> None:
         pass
 
 
-@pytest.mark.skipif(not SCHEDSTAT.exists() or not hasattr(os, "sched_setaffinity"), reason="Linux only")
+@pytest.mark.skipif(
+    not Path(scheduling.SCHEDSTAT).exists() or not hasattr(os, "sched_setaffinity"),
+    reason="needs /proc/thread-self/schedstat and sched_setaffinity",
+)
 async def test_a_loop_kept_off_the_cpu_reads_as_saturated() -> None:
     load = LoopLoad(window=0.01)
     await asyncio.sleep(0.02)
     load()  # the first window: the measure starts on the loop's thread
     with sharing_one_cpu():
-        started, cpu = time.monotonic(), time.thread_time()
+        started, cpu, waited = time.monotonic(), time.thread_time(), waited_for_a_cpu()
         load()
         compute(0.3)
         busy = load()
         share = (time.thread_time() - cpu) / (time.monotonic() - started)
-    assert share < 0.8, f"the thread was not kept off the CPU (it computed {share:.2f} of the time)"
+        if share >= 0.8 or waited_for_a_cpu() == waited:
+            pytest.skip(f"the thread was not kept off the CPU here (it computed {share:.2f} of the time)")
     # By CPU time alone it would read `share`: a loop that looks half idle, whose batcher stops waiting.
-    assert busy > 0.9
+    assert busy >= LOOP_SATURATED
+    assert busy > share + 0.2
 
 
-async def idle_then_work() -> tuple[float, float]:
-    """What a new LoopLoad reads for 0.1 s of sleeping, then for 0.1 s of computing."""
+async def idle_then_work() -> tuple[float, float, float]:
+    """What a new LoopLoad reads for 0.1 s of sleeping, then for 0.1 s of computing; and the share of the
+    second 0.1 s the thread computed."""
     load = LoopLoad(window=0.01)
     await asyncio.sleep(0.02)
     load()
     await asyncio.sleep(0.1)
     idle = load()
+    started, cpu = time.monotonic(), time.thread_time()
     compute(0.1)
-    return idle, load()
+    busy = load()
+    return idle, busy, (time.thread_time() - cpu) / (time.monotonic() - started)
 
 
 async def test_an_idle_loop_reads_as_idle_and_work_as_work() -> None:
-    idle, busy = await idle_then_work()
-    assert idle < 0.3
-    assert busy > 0.7
+    idle, busy, share = await idle_then_work()
+    assert idle < 0.4
+    assert busy >= min(share, LOOP_SATURATED)
 
 
 async def test_without_schedstat_it_counts_cpu_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> int:
-        raise OSError("no schedstat here")
+    monkeypatch.setattr(scheduling, "SCHEDSTAT", "/nonexistent/schedstat")
+    idle, busy, share = await idle_then_work()
+    assert idle < 0.4
+    assert busy == pytest.approx(share, abs=0.15)  # CPU time alone: what the machine leaves the thread
 
-    monkeypatch.setattr(os, "open", refuse)
-    idle, busy = await idle_then_work()
-    assert idle < 0.3
-    assert busy > 0.5  # CPU time alone: what the machine's neighbours leave of it
+
+async def test_a_stopped_measure_lets_go_of_its_file() -> None:
+    load = LoopLoad(window=0.01)
+    await asyncio.sleep(0.02)
+    load()
+    load.close()
+    load.close()  # twice is harmless
+    compute(0.02)
+    assert load() > 0.0  # still measuring, by CPU time

@@ -261,6 +261,7 @@ class SluiceServer:
         for servable in servables:
             servable.close()
         self.metrics.close()
+        self.loop_load.close()
         log.info("stopped")
 
     async def _close_ports(self) -> None:
@@ -269,6 +270,7 @@ class SluiceServer:
         if self._rest is not None:
             await self._rest.stop()
         self.metrics.close()
+        self.loop_load.close()
 
     async def serve(self) -> None:
         """Runs until SIGTERM or SIGINT, then stops gracefully."""

@@ -472,6 +472,10 @@ class DirectScheduler:
             pass  # What is still running is cancelled with its RPC when the gRPC server stops.
 
 
+SCHEDSTAT = "/proc/thread-self/schedstat"
+"""The calling thread's scheduler statistics (Linux): ns on a CPU, ns waiting for one while ready, slices."""
+
+
 class LoopLoad:
     """Busy fraction of the event loop's thread over windows of `window` s: the time it computed, and on
     Linux also the time it was ready to compute but waited for a CPU, over wall time.
@@ -528,12 +532,19 @@ class LoopLoad:
 
     def _open(self) -> None:
         """Opens the calling thread's schedstat, where there is one (Linux); kept open, it is one pread a
-        window."""
+        window. The window it opens in is measured by CPU time alone."""
         self._opened = True
         with contextlib.suppress(OSError):
-            fd = self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            fd = self._schedstat = os.open(SCHEDSTAT, os.O_RDONLY)
             self._close = weakref.finalize(self, os.close, fd)
         self._waited = self._runnable()
+
+    def close(self) -> None:
+        """Lets go of the schedstat file now (the server stops); the measure goes on by CPU time alone."""
+        self._opened = True
+        self._schedstat = None
+        if self._close is not None:
+            self._close()
 
     def crowded(self) -> bool:
         """Whether several callers' calls overlap (see Calls); False when nobody counts them."""
