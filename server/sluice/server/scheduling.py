@@ -486,7 +486,10 @@ class LoopLoad:
     computes only part of the time, and it read as idle (0.53 at 8 closed-loop digits callers on 2 cores
     with one busy process beside them, benchmarks/RESULTS.md), so the batcher stopped batching exactly when
     each batch saved mattered most. The kernel counts that wait per thread (`/proc/thread-self/schedstat`,
-    its second field). Call it only on the loop's thread.
+    its second field). It counts only in windows where nothing else of the server computed: behind the
+    server's own worker threads (a model's runs, at 8 MiniLM callers) the loop waits for the model, and
+    waiting for company too cost 8% of the requests/s. The loop's spinner (`spin`) tracks that work, so
+    without one the measure is CPU time alone. Call it only on the loop's thread.
     """
 
     def __init__(
@@ -510,6 +513,7 @@ class LoopLoad:
         self._idle = self._not_load()
         self._cpu = time.thread_time() - self._idle
         self._waited = 0.0
+        self._held = 0
         self.value = 0.0
 
     def _not_load(self) -> float:
@@ -557,12 +561,17 @@ class LoopLoad:
             if not self._opened:
                 self._open()
             idle, waited = self._not_load(), self._runnable()
+            spin = self.spin
+            held = spin.held if spin is not None else 0
             cpu = time.thread_time() - idle
             busy = max(cpu - self._cpu, 0.0)
-            if idle == self._idle:
-                # A window with spinning or a lone run in it leaves out their wait for a CPU as well (a
-                # spinning loop is always ready to run): only a lone caller is served there.
+            if idle == self._idle and held == self._held and spin is not None and not spin.holding:
+                # Only where nothing but the loop computes for the server: a loop waiting behind the
+                # server's own worker threads (a model's run, a plugin step) is held up by that work, not
+                # by its own, and waiting for company would only delay the next run. A window with
+                # spinning or a lone run in it leaves it out too (a spinning loop is always ready to run):
+                # only a lone caller is served there.
                 busy += max(waited - self._waited, 0.0)
             self.value = min(busy / elapsed, 1.0)
-            self._wall, self._cpu, self._waited, self._idle = now, cpu, waited, idle
+            self._wall, self._cpu, self._waited, self._idle, self._held = now, cpu, waited, idle, held
         return self.value

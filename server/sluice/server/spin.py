@@ -61,6 +61,8 @@ class LoopSpin:
         self._last = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # set while spinning
         self._threads: set[Hashable] = set()  # work computing in worker threads (`hold`)
+        self.held = 0
+        """Works held so far (`hold`): whether a worker thread computed in a span of time."""
 
     @property
     def spinning(self) -> bool:
@@ -102,9 +104,15 @@ class LoopSpin:
             self._last = now
             self._loop.call_soon(self._pass)
 
+    @property
+    def holding(self) -> bool:
+        """Whether work computes in a worker thread now."""
+        return bool(self._threads)
+
     def hold(self, work: Hashable) -> None:
         """`work` computes in a worker thread: no spinning until `release(work)`."""
         self._threads.add(work)
+        self.held += 1
 
     def release(self, work: Hashable) -> None:
         """`work` ended. Safe to call from any thread (a concurrent future's done callback, say)."""
