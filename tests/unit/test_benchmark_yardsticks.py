@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from sluice.v1 import inference_pb2 as pb
 from sluice.v1 import inference_pb2_grpc as pb_grpc
@@ -92,6 +94,25 @@ async def test_handler_cost_runs_the_real_handler() -> None:
         "sluice x8",
     ]
     assert all("µs CPU per request" in line for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("callgrind_control") is None, reason="needs valgrind")
+async def test_handler_instructions_counts_only_the_measured_calls() -> None:
+    # Start-up runs uninstrumented; a count of 0 (instrumentation never on) or of the whole start-up (never
+    # off) would make every comparison meaningless.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCHMARKS / "handler_instructions.py"),
+        "--calls", "200", "--concurrency", "1", "--handler", "floor",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, err.decode()
+    (line,) = out.decode().splitlines()
+    label, figure = line.split(":")
+    assert label.strip() == "floor x1"
+    per_call = int(figure.split()[0].replace(",", ""))
+    # Parsing, one ONNX Runtime run and encoding: ~140,000 instructions here; start-up is billions.
+    assert 20_000 < per_call < 2_000_000, line
 
 
 async def test_compare_servers_reports_cpu_and_batching_of_each_server(tmp_path: Path) -> None:
