@@ -132,9 +132,12 @@ async def test_concurrent_callers_go_back_to_worker_threads_and_batches(tmp_path
     assert max(rows for _, rows in crowd) > 1  # batching came back
     # At most the runs until the next probe computed on the loop.
     assert sum(where == "loop" for where, _ in crowd) < PROBE, crowd
-    # The probe that saw the crowd asks for twice the calm runs before a lone caller's go back there.
+    # The probe that saw the crowd asks for twice the calm runs before a lone caller's go back there: more
+    # than SETTLE after the crowd. (Not exactly 2 * SETTLE: the crowd's last requests, its callers finishing
+    # one by one, can already run calm in worker threads.)
     alone_again = [where for where, _ in _runs(log)[crowded:]]
-    assert alone_again[: 2 * SETTLE] == ["thread"] * (2 * SETTLE), alone_again
+    assert alone_again[: SETTLE + 1] == ["thread"] * (SETTLE + 1), alone_again
+    assert "loop" in alone_again, alone_again  # and then they do
 
 
 async def test_a_long_request_of_a_settled_lone_caller_stays_off_the_loop(tmp_path: Path) -> None:
