@@ -529,15 +529,15 @@ class LoopLoad:
         try:
             return int(os.pread(fd, 128, 0).split()[1]) / 1e9
         except (OSError, ValueError, IndexError):
-            self._schedstat = None
-            if self._close is not None:
-                self._close()  # once: a finalizer that has run does nothing more
+            self.close()
             return 0.0
 
     def _open(self) -> None:
-        """Opens the calling thread's schedstat, where there is one (Linux); kept open, it is one pread a
-        window. The window it opens in is measured by CPU time alone."""
+        """Opens the calling thread's schedstat, where there is one (Linux) and a spinner to say when it
+        counts; kept open, it is one pread a window. The window it opens in is measured by CPU time alone."""
         self._opened = True
+        if self.spin is None:
+            return  # nothing would tell when the wait counts: CPU time alone, and no file to read
         with contextlib.suppress(OSError):
             fd = self._schedstat = os.open(SCHEDSTAT, os.O_RDONLY)
             self._close = weakref.finalize(self, os.close, fd)
@@ -548,7 +548,7 @@ class LoopLoad:
         self._opened = True
         self._schedstat = None
         if self._close is not None:
-            self._close()
+            self._close()  # once: a finalizer that has run does nothing more
 
     def crowded(self) -> bool:
         """Whether several callers' calls overlap (see Calls); False when nobody counts them."""
